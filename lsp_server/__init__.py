@@ -1,0 +1,1 @@
+"""difill.lsp_server"""
