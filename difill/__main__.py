@@ -1,0 +1,5 @@
+import sys
+
+from difill.cli import main
+
+sys.exit(main())

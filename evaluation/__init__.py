@@ -1,0 +1,1 @@
+"""difill.evaluation: fill-in-the-middle regression tests (difill eval)."""

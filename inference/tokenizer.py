@@ -1,0 +1,57 @@
+"""The tokenizer wrapper: a Hugging Face ``tokenizers`` file plus the special tokens difill needs.
+
+difill's own vocabulary reserves the special tokens below at fixed ids 0..6, so that model code
+never has to look them up by string. Open checkpoints bring their own ids through their
+config; :class:`Tokenizer` only encodes and decodes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+# Order matters: these become ids 0..6 of difill's vocabulary.
+SPECIAL_TOKENS = ["<|mask|>", "<|eoi|>", "<|pad|>", "<|prefix|>", "<|suffix|>", "<|middle|>", "<|bos|>"]
+MASK, EOI, PAD, PREFIX, SUFFIX, MIDDLE, BOS = range(len(SPECIAL_TOKENS))
+
+
+class TokenizerError(ValueError):
+    """The tokenizer file is missing or unreadable."""
+
+
+class Tokenizer:
+    """Exact byte-level round trip: ``decode(encode(s)) == s`` for every UTF-8 string."""
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        self._pieces: list[str] | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer file not found: {path}")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as exc:  # the Rust side raises a bare Exception for bad JSON
+            raise TokenizerError(f"cannot read tokenizer {path}: {exc}") from exc
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    def piece(self, token_id: int) -> str:
+        """The text of one token (a partial UTF-8 character decodes to U+FFFD)."""
+        if self._pieces is None:
+            self._pieces = [self.hf.decode([i], skip_special_tokens=True) for i in range(self.vocab_size)]
+        return self._pieces[token_id] if 0 <= token_id < len(self._pieces) else ""

@@ -1,0 +1,113 @@
+"""Infill-shaped training examples in the block-diffusion layout.
+
+An example cuts a source file into prefix / middle / suffix the way an editor does (a line
+tail from a random column, a whole line, a block of lines, a random span), tokenizes the three
+parts separately (as the engine will at inference), and lays them out as
+
+    context = [pad ...] <|suffix|> suffix <|prefix|> prefix <|middle|>     (causal)
+    canvas  = middle tokens, then <|eoi|> up to the canvas length          (denoised)
+
+The canvas is followed by <|eoi|> so the model learns where an infill ends; a middle longer
+than the canvas is cut and has no <|eoi|>, which teaches the model to go on in the next block.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from difill.inference.tokenizer import EOI, MIDDLE, PAD, PREFIX, SUFFIX, Tokenizer
+
+SPAN_KINDS = ("line_tail", "whole_line", "block", "random")
+SPAN_WEIGHTS = (0.35, 0.2, 0.3, 0.15)
+PREFIX_CHARS = 2400  # more than any context budget needs; cut at a line start
+SUFFIX_CHARS = 800
+
+
+@dataclass
+class Batch:
+    context: torch.Tensor  # [B, C] int64
+    canvas: torch.Tensor  # [B, M] int64, the clean targets
+
+
+def load_texts(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+def choose_span(text: str, kind: str, rng: random.Random) -> tuple[int, int] | None:
+    """Character offsets (start, end) of the middle, or None when the file has no such span."""
+    lines = text.splitlines(keepends=True)
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+    content_lines = [i for i, line in enumerate(lines) if line.strip()]
+    if not content_lines:
+        return None
+    i = rng.choice(content_lines)
+    line = lines[i].rstrip("\r\n")
+    indent = len(line) - len(line.lstrip())
+    if kind == "line_tail":
+        col = rng.randint(indent, len(line))
+        return starts[i] + col, starts[i] + len(line)
+    if kind == "whole_line":
+        return starts[i] + indent, starts[i] + len(line)
+    if kind == "block":
+        # The statement at line i and what is indented under it, up to 12 lines.
+        j = i + 1
+        while j < len(lines) and j - i < 12 and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > indent):
+            j += 1
+        j = max(j, min(i + rng.randint(1, 4), len(lines)))
+        end = starts[j] - len(lines[j - 1]) + len(lines[j - 1].rstrip("\r\n"))
+        return starts[i] + indent, end
+    start = rng.randrange(len(text))
+    return start, min(len(text), start + rng.randint(1, 160))
+
+
+class InfillSampler:
+    """Draws batches of infill examples from a list of source texts, reproducibly from a seed."""
+
+    def __init__(self, texts: list[str], tokenizer: Tokenizer, context_len: int, suffix_budget: int, seed: int):
+        self.texts = [t for t in texts if len(t) > 200]
+        self.weights = [min(len(t), 50_000) for t in self.texts]
+        self.tokenizer = tokenizer
+        self.context_len = context_len
+        self.suffix_budget = suffix_budget
+        self.rng = random.Random(seed)
+
+    def draw_parts(self) -> tuple[str, str, str]:
+        while True:
+            text = self.rng.choices(self.texts, weights=self.weights)[0]
+            kind = self.rng.choices(SPAN_KINDS, weights=SPAN_WEIGHTS)[0]
+            span = choose_span(text, kind, self.rng)
+            if span is None:
+                continue
+            start, end = span
+            prefix_start = max(0, start - PREFIX_CHARS)
+            if prefix_start > 0:  # begin at a line start, as the engine's budgeting does
+                newline = text.find("\n", prefix_start, start)
+                prefix_start = newline + 1 if newline >= 0 else prefix_start
+            suffix_end = min(len(text), end + SUFFIX_CHARS)
+            newline = text.rfind("\n", end, suffix_end)
+            if suffix_end < len(text) and newline > end:
+                suffix_end = newline
+            return text[prefix_start:start], text[start:end], text[end:suffix_end]
+
+    def batch(self, batch_size: int, canvas_len: int) -> Batch:
+        parts = [self.draw_parts() for _ in range(batch_size)]
+        encoded = self.tokenizer.encode_batch([p for triple in parts for p in triple])
+        contexts, canvases = [], []
+        for b in range(batch_size):
+            prefix, middle, suffix = encoded[3 * b: 3 * b + 3]
+            suffix = suffix[: self.suffix_budget]
+            room = self.context_len - len(suffix) - 3
+            prefix = prefix[-room:] if room > 0 else []
+            context = [SUFFIX] + suffix + [PREFIX] + prefix + [MIDDLE]
+            contexts.append([PAD] * (self.context_len - len(context)) + context)
+            canvas = middle[:canvas_len]
+            canvases.append(canvas + [EOI] * (canvas_len - len(canvas)))
+        return Batch(torch.tensor(contexts), torch.tensor(canvases))

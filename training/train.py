@@ -1,0 +1,272 @@
+"""Train a masked-diffusion infill model from a JSON config; checkpoints and resumes.
+
+    python -m difill.training.train training/configs/small.json --run runs/small
+
+The objective is MDLM on the canvas (absorbing mask state, masking rate t drawn per sequence,
+cross-entropy on masked positions weighted by 1/t) plus, because the block layout processes
+the context causally, next-token prediction on the context: the same forward pass gives a
+dense signal from every context token at little extra cost.
+
+A run is a folder: ``ckpt/`` (weights and optimizer state in safetensors, ``state.json``),
+``log.jsonl`` (loss, validation, FIM checks against tokens seen) and ``export/`` (the Hugging
+Face layout that the engine loads). Stop it at any time; the same command resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from difill.inference.model import ModelConfig, Transformer, block_diffusion_mask, init_weights
+from difill.inference.tokenizer import BOS, EOI, MASK, MIDDLE, PAD, PREFIX, SUFFIX, Tokenizer
+from difill.training.data import InfillSampler, load_texts
+
+log = logging.getLogger("difill.train")
+
+
+@dataclass
+class TrainConfig:
+    model: dict = field(default_factory=dict)
+    corpus: str = "data/corpus"
+    tokenizer: str = "data/tokenizer.json"
+    context_len: int = 256
+    suffix_budget: int = 64
+    canvas_lens: tuple = (16, 32, 64)
+    batch_size: int = 16
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 200
+    max_steps: int = 20000
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    ar_weight: float = 0.5
+    ar_positions: int = 64
+    min_mask_rate: float = 0.05
+    threads: int = 0
+    bf16: bool = True
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 250
+    checkpoint_every: int = 100
+
+    @classmethod
+    def from_file(cls, path: Path) -> "TrainConfig":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        attention="block",
+        mask_token_id=MASK, end_token_id=EOI, pad_token_id=PAD, bos_token_id=BOS,
+        prefix_token_id=PREFIX, suffix_token_id=SUFFIX, middle_token_id=MIDDLE,
+        **cfg.model,
+    )
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def attention_mask(context: torch.Tensor, canvas_len: int) -> torch.Tensor:
+    """Block-diffusion pattern with left-padding keys hidden; [B, 1, T, T]."""
+    b, c = context.shape
+    base = block_diffusion_mask(c, canvas_len, context.device)
+    keys_real = torch.cat([context != PAD, torch.ones(b, canvas_len, dtype=torch.bool, device=context.device)], dim=1)
+    mask = base[None] & keys_real[:, None, :]
+    mask |= torch.eye(c + canvas_len, dtype=torch.bool, device=context.device)[None]  # pads see themselves, not NaN
+    return mask[:, None]
+
+
+def diffusion_loss(model: Transformer, context: torch.Tensor, canvas: torch.Tensor, cfg: TrainConfig,
+                   generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """MDLM loss on the canvas plus weighted next-token loss on the context."""
+    b, c = context.shape
+    m = canvas.shape[1]
+    # Stratified masking rates: one per sequence, spread evenly over [min_mask_rate, 1].
+    u = (torch.rand(1, generator=generator) + torch.arange(b) / b) % 1.0
+    t = cfg.min_mask_rate + (1 - cfg.min_mask_rate) * u
+    masked = torch.rand(b, m, generator=generator) < t[:, None]
+    masked[torch.arange(b), torch.randint(0, m, (b,), generator=generator)] = True
+    noisy = torch.where(masked, torch.full_like(canvas, MASK), canvas)
+    ids = torch.cat([context, noisy], dim=1)
+    positions = torch.arange(c + m)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and ids.device.type == "cpu"):
+        hidden = model.hidden_states(ids, positions, mask=attention_mask(context, m))
+        canvas_logits = model.logits(hidden[:, c:][masked])
+        canvas_logits[:, MASK] = float("-inf")
+        ce = F.cross_entropy(canvas_logits, canvas[masked], reduction="none")
+        weights = (1.0 / t)[:, None].expand(b, m)[masked]
+        canvas_loss = (ce * weights).sum() / (b * m)
+        # Next-token loss on the last ar_positions context tokens only: the output head over
+        # the whole context would cost a third of the step for little extra signal.
+        start = max(0, c - 1 - cfg.ar_positions)
+        targets = context[:, start + 1:]
+        real = (targets != PAD) & (context[:, start:-1] != PAD)
+        ar_logits = model.logits(hidden[:, start: c - 1][real])
+        ar_loss = F.cross_entropy(ar_logits, targets[real])
+    loss = canvas_loss + cfg.ar_weight * ar_loss
+    return loss, {"canvas_loss": canvas_loss.item(), "masked_ce": ce.mean().item(), "ar_loss": ar_loss.item()}
+
+
+@torch.no_grad()
+def validation_loss(model: Transformer, sampler: InfillSampler, cfg: TrainConfig, batches: int = 8) -> float:
+    """Masked cross-entropy on held-out files, with fixed seeds so that runs compare."""
+    model.eval()
+    state = sampler.rng.getstate()
+    sampler.rng.seed(1234)
+    gen = torch.Generator().manual_seed(1234)
+    total = 0.0
+    for i in range(batches):
+        batch = sampler.batch(cfg.batch_size, cfg.canvas_lens[i % len(cfg.canvas_lens)])
+        _, parts = diffusion_loss(model, batch.context, batch.canvas, cfg, gen)
+        total += parts["masked_ce"]
+    sampler.rng.setstate(state)
+    model.train()
+    return total / batches
+
+
+def save_checkpoint(run: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Weights and optimizer moments as safetensors, the rest as JSON: no pickle anywhere."""
+    ckpt = run / "ckpt"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt / "tmp"
+    tmp.mkdir(exist_ok=True)
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_embeddings}
+    save_file(weights, str(tmp / "model.safetensors"))
+    opt_state = optimizer.state_dict()
+    tensors = {f"{idx}.{key}": value.contiguous() for idx, s in opt_state["state"].items() for key, value in s.items()}
+    save_file(tensors, str(tmp / "optim.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt_state["param_groups"]}))
+    for name in ("model.safetensors", "optim.safetensors", "state.json"):
+        (tmp / name).replace(ckpt / name)  # each file lands whole; state.json last marks a complete set
+
+
+def load_checkpoint(run: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict | None:
+    ckpt = run / "ckpt"
+    if not (ckpt / "state.json").exists():
+        return None
+    state = json.loads((ckpt / "state.json").read_text())
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+    tensors = load_file(str(ckpt / "optim.safetensors"))
+    opt_state: dict = {"state": {}, "param_groups": state.pop("param_groups")}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        opt_state["state"].setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict(opt_state)
+    return state
+
+
+def export(run: Path, model: Transformer, tokenizer_path: Path, card: dict, out: Path | None = None) -> Path:
+    """Write the Hugging Face layout that the engine loads: config.json, model.safetensors, tokenizer.json."""
+    out = out or run / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "difill", **model.config.to_dict()}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    weights = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()
+               if k != "lm_head.weight" or not model.config.tie_embeddings}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "tokenizer.json").write_text(Path(tokenizer_path).read_text())
+    (out / "training.json").write_text(json.dumps(card, indent=1))
+    return out
+
+
+def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Path:
+    cfg = TrainConfig.from_file(config_path)
+    run.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    tokenizer = Tokenizer.from_file(cfg.tokenizer)
+    model = Transformer(model_config_for(cfg, tokenizer))
+    init_weights(model, cfg.seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    corpus = Path(cfg.corpus)
+    train_sampler = InfillSampler(load_texts(corpus / "train.jsonl"), tokenizer, cfg.context_len, cfg.suffix_budget, cfg.seed)
+    val_sampler = InfillSampler(load_texts(corpus / "val.jsonl"), tokenizer, cfg.context_len, cfg.suffix_budget, cfg.seed + 1)
+    state = load_checkpoint(run, model, optimizer) or {"step": 0, "tokens": 0, "seconds": 0.0}
+    if state["step"]:
+        log.info("resumed %s at step %d (%d tokens)", run, state["step"], state["tokens"])
+        train_sampler.rng.seed(cfg.seed * 1_000_003 + state["step"])  # fresh but reproducible draws after resume
+    generator = torch.Generator().manual_seed(cfg.seed + state["step"])
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2fM parameters, config %s", n_params / 1e6, model.config)
+    (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    deadline = time.time() + max_minutes * 60 if max_minutes else None
+    logfile = open(run / "log.jsonl", "a")
+    model.train()
+    window_start, window_tokens = time.time(), 0
+    while state["step"] < cfg.max_steps and not stop["now"] and not (deadline and time.time() > deadline):
+        step_start = time.time()
+        canvas_len = cfg.canvas_lens[state["step"] % len(cfg.canvas_lens)]
+        batch = train_sampler.batch(cfg.batch_size, canvas_len)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(state["step"], cfg)
+        loss, parts = diffusion_loss(model, batch.context, batch.canvas, cfg, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        tokens = batch.context.numel() + batch.canvas.numel()
+        state["step"] += 1
+        state["tokens"] += tokens
+        state["seconds"] += time.time() - step_start
+        window_tokens += tokens
+        if state["step"] % cfg.log_every == 0:
+            rate = window_tokens / (time.time() - window_start)
+            window_start, window_tokens = time.time(), 0
+            record = {"step": state["step"], "tokens": state["tokens"], "loss": round(loss.item(), 4),
+                      **{k: round(v, 4) for k, v in parts.items()}, "tokens_per_s": round(rate), "lr": lr_at(state["step"], cfg)}
+            log.info("step %(step)d  tokens %(tokens)d  loss %(loss).3f  masked_ce %(masked_ce).3f  ar %(ar_loss).3f  %(tokens_per_s)d tok/s", record)
+            logfile.write(json.dumps(record) + "\n")
+            logfile.flush()
+        if state["step"] % cfg.eval_every == 0:
+            record = {"step": state["step"], "tokens": state["tokens"], "val_masked_ce": round(validation_loss(model, val_sampler, cfg), 4)}
+            log.info("validation: %s", record)
+            logfile.write(json.dumps(record) + "\n")
+            logfile.flush()
+        if state["step"] % cfg.checkpoint_every == 0:
+            save_checkpoint(run, model, optimizer, state)
+    save_checkpoint(run, model, optimizer, state)
+    card = {"steps": state["step"], "tokens": state["tokens"], "train_seconds": round(state["seconds"]),
+            "parameters": n_params, "config": asdict(cfg), "hardware": f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else torch.cuda.get_device_name()}
+    out = export(run, model, Path(cfg.tokenizer), card)
+    log.info("exported %s", out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    random.seed(0)
+    train(args.config, args.run, args.max_minutes)
+
+
+if __name__ == "__main__":
+    main()
