@@ -68,7 +68,9 @@ class TrainConfig:
 
 
 def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """The model's config, with the context budget it was trained on (the engine's default)."""
     return ModelConfig(
+        extra={"context_tokens": cfg.context_len, "suffix_tokens": cfg.suffix_budget},
         vocab_size=tokenizer.vocab_size,
         attention="block",
         mask_token_id=MASK, end_token_id=EOI, pad_token_id=PAD, bos_token_id=BOS,
@@ -257,14 +259,30 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
     return out
 
 
+def export_checkpoint(config_path: Path, run: Path, out: Path) -> Path:
+    """Export the run's latest checkpoint without training (e.g. while the run goes on)."""
+    cfg = TrainConfig.from_file(config_path)
+    tokenizer = Tokenizer.from_file(cfg.tokenizer)
+    model = Transformer(model_config_for(cfg, tokenizer))
+    state = json.loads((run / "ckpt" / "state.json").read_text())
+    model.load_state_dict(load_file(str(run / "ckpt" / "model.safetensors")), strict=False)
+    card = {"steps": state["step"], "tokens": state["tokens"], "train_seconds": round(state["seconds"]),
+            "parameters": sum(p.numel() for p in model.parameters()), "config": asdict(cfg)}
+    return export(run, model, Path(cfg.tokenizer), card, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    parser.add_argument("--export-to", type=Path, help="only export the latest checkpoint to this directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     random.seed(0)
+    if args.export_to:
+        export_checkpoint(args.config, args.run, args.export_to)
+        return
     train(args.config, args.run, args.max_minutes)
 
 
