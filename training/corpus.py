@@ -14,10 +14,13 @@ back for evaluation (``more-itertools``, ``attrs``, ``click``) are excluded by n
 from __future__ import annotations
 
 import argparse
+import email.parser
 import hashlib
 import json
 import logging
 import re
+import shutil
+import subprocess
 import sys
 import sysconfig
 import zlib
@@ -47,6 +50,7 @@ class SourceFile:
     version: str
     license: str
     language: str
+    archive_sha256: str | None = None  # pinned downloads: the archive's digest
 
 
 def license_of(dist: metadata.Distribution) -> str:
@@ -111,6 +115,64 @@ def site_package_files() -> list[SourceFile]:
     return files
 
 
+def fetch_pinned(sources: Path, cache: Path) -> list[SourceFile]:
+    """Download the pinned PyPI (``pip download``) and npm (``npm pack``) packages of
+    ``sources`` into ``cache`` and unpack their source files. The archive's sha256 and the
+    license its metadata declares are recorded; a non-permissive license drops the package."""
+    spec = json.loads(sources.read_text())
+    files: list[SourceFile] = []
+    for registry in ("pypi", "npm"):
+        for pin in spec.get(registry, []):
+            name, version = pin["name"], pin["version"]
+            if name.lower() in EVAL_PACKAGES:
+                raise ValueError(f"{sources}: {name} is kept back for evaluation")
+            target = cache / registry / f"{name}-{version}"
+            if not target.exists():
+                download = cache / "archives"
+                download.mkdir(parents=True, exist_ok=True)
+                before = set(download.iterdir())
+                command = (["pip", "download", "--no-deps", "-q", f"{name}=={version}", "-d", str(download)] if registry == "pypi"
+                           else ["npm", "pack", f"{name}@{version}", "--silent", "--pack-destination", str(download)])
+                try:
+                    subprocess.run(command, check=True, capture_output=True, timeout=300)
+                except (subprocess.CalledProcessError, subprocess.TimeoutExpired, FileNotFoundError) as exc:
+                    log.warning("skip %s %s==%s: download failed (%s)", registry, name, version, exc)
+                    continue
+                archives = sorted(set(download.iterdir()) - before) or sorted(download.glob(f"*{version}*"))
+                archive = archives[0]
+                unpack = target.with_suffix(".tmp")
+                shutil.rmtree(unpack, ignore_errors=True)
+                shutil.unpack_archive(str(archive), str(unpack), format="zip" if archive.suffix == ".whl" else None)
+                (unpack / ".difill-archive.json").write_text(json.dumps({"archive": archive.name, "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}))
+                unpack.rename(target)
+            origin = json.loads((target / ".difill-archive.json").read_text())
+            license_text = archive_license(target, registry)
+            if not is_permissive(license_text):
+                log.info("skip %s: license %r", name, license_text)
+                continue
+            for path in sorted(target.rglob("*")):
+                language = SOURCE_SUFFIXES.get(path.suffix)
+                parts = {p.lower() for p in path.relative_to(target).parts}
+                if language is None or parts & {"node_modules", "dist", "vendor", "third_party", "benchmarks"} or path.name.endswith(".min.js"):
+                    continue
+                files.append(SourceFile(path, name, version, license_text, language, origin["sha256"]))
+    return files
+
+
+def archive_license(root: Path, registry: str) -> str:
+    if registry == "npm":
+        package = next(root.rglob("package.json"), None)
+        data = json.loads(package.read_text()) if package else {}
+        value = data.get("license", "")
+        return value.get("type", "") if isinstance(value, dict) else str(value)
+    meta = next(root.rglob("METADATA"), None) or next(root.rglob("PKG-INFO"), None)
+    if meta is None:
+        return ""
+    message = email.parser.Parser().parsestr(meta.read_text(errors="replace"), headersonly=True)
+    classifiers = [c.split("::")[-1].strip() for c in message.get_all("Classifier") or [] if c.startswith("License ::")]
+    return "; ".join(filter(None, [message.get("License-Expression", "")] + classifiers + [(message.get("License") or "")[:80]]))
+
+
 def shingles(text: str, n: int = 5) -> set[int]:
     words = re.findall(r"\w+|[^\w\s]", text)
     # crc32 rather than hash(): reproducible across processes (hash() is salted per process).
@@ -123,10 +185,12 @@ def minhash(text: str, seeds: np.ndarray) -> np.ndarray:
     return mixed.min(axis=1)
 
 
-def build(out: Path, include_site_packages: bool = True, near_dup_threshold: float = 0.85) -> dict:
+def build(out: Path, include_site_packages: bool = True, pinned: Path | None = None, near_dup_threshold: float = 0.85) -> dict:
     """Collect, filter and deduplicate; write train.jsonl, val.jsonl and MANIFEST.json."""
     out.mkdir(parents=True, exist_ok=True)
     candidates = stdlib_files() + (site_package_files() if include_site_packages else [])
+    if pinned is not None:
+        candidates += fetch_pinned(pinned, out / "downloads")
     seeds = np.random.default_rng(0).integers(1, 2**31, size=64, dtype=np.uint64)
     exact: set[str] = set()
     bands: dict[tuple, str] = {}
@@ -161,18 +225,18 @@ def build(out: Path, include_site_packages: bool = True, near_dup_threshold: flo
         kept[split].append({"path": name, "language": source.language, "text": text})
         manifest.append({"file": str(source.path), "package": source.package, "version": source.version,
                          "license": source.license, "language": source.language, "split": split,
-                         "sha256": hashlib.sha256(raw).hexdigest()})
+                         "sha256": hashlib.sha256(raw).hexdigest(), "archive_sha256": source.archive_sha256})
     for split, rows in kept.items():
         with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
     stats.update({split: len(rows) for split, rows in kept.items()})
     stats["bytes"] = sum(len(r["text"]) for rows in kept.values() for r in rows)
-    packages = sorted({(m["package"], m["version"], m["license"]) for m in manifest})
+    packages = sorted({(m["package"], m["version"], m["license"], m["archive_sha256"] or "") for m in manifest})
     (out / "MANIFEST.json").write_text(json.dumps({
         "stats": stats,
         "excluded_for_evaluation": sorted(EVAL_PACKAGES),
-        "packages": [{"name": n, "version": v, "license": lic} for n, v, lic in packages],
+        "packages": [{"name": n, "version": v, "license": lic, "archive_sha256": sha or None} for n, v, lic, sha in packages],
         "files": manifest,
     }, indent=1))
     log.info("corpus: %s", stats)
@@ -183,9 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("data/corpus"))
     parser.add_argument("--stdlib-only", action="store_true")
+    parser.add_argument("--pinned", type=Path, nargs="?", const=Path(__file__).with_name("sources.json"),
+                        help="also download the pinned PyPI and npm packages of this file (default training/sources.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    stats = build(args.out, include_site_packages=not args.stdlib_only)
+    stats = build(args.out, include_site_packages=not args.stdlib_only, pinned=args.pinned)
     print(json.dumps(stats))
 
 

@@ -144,6 +144,34 @@ def validation_loss(model: Transformer, sampler: InfillSampler, cfg: TrainConfig
     return total / batches
 
 
+def fim_check(model: Transformer, tokenizer: Tokenizer, texts: list[str], cases: int = 48, seed: int = 7) -> dict:
+    """Exact match of single-line infills (line tails and whole lines) on held-out files, with the
+    real engine and sampler: the learning curve that plans the next run."""
+    from difill.inference.engine import Engine, InfillRequest
+    from difill.training.data import choose_span
+
+    model.eval()
+    engine = Engine(model, tokenizer, name="training")
+    rng = random.Random(seed)
+    pool = [t for t in texts if len(t) > 500]
+    hits = {"line_tail": 0, "whole_line": 0}
+    counts = dict.fromkeys(hits, 0)
+    for i in range(cases):
+        kind = "line_tail" if i % 2 == 0 else "whole_line"
+        text = rng.choice(pool)
+        span = choose_span(text, kind, rng)
+        if span is None or span[1] == span[0]:
+            continue
+        start, end = span
+        request = InfillRequest(prefix=text[max(0, start - 3000):start], suffix=text[end:end + 1000], mode="line",
+                                language="python", constrain_syntax=False)
+        completion = engine.infill(request).completion
+        counts[kind] += 1
+        hits[kind] += int(completion.strip() == text[start:end].strip())
+    model.train()
+    return {f"fim_exact_{k}": round(hits[k] / max(1, counts[k]), 4) for k in hits}
+
+
 def save_checkpoint(run: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Weights and optimizer moments as safetensors, the rest as JSON: no pickle anywhere."""
     ckpt = run / "ckpt"
@@ -245,7 +273,8 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
             logfile.write(json.dumps(record) + "\n")
             logfile.flush()
         if state["step"] % cfg.eval_every == 0:
-            record = {"step": state["step"], "tokens": state["tokens"], "val_masked_ce": round(validation_loss(model, val_sampler, cfg), 4)}
+            record = {"step": state["step"], "tokens": state["tokens"], "val_masked_ce": round(validation_loss(model, val_sampler, cfg), 4),
+                      **fim_check(model, tokenizer, val_sampler.texts)}
             log.info("validation: %s", record)
             logfile.write(json.dumps(record) + "\n")
             logfile.flush()
