@@ -273,8 +273,12 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
             logfile.write(json.dumps(record) + "\n")
             logfile.flush()
         if state["step"] % cfg.eval_every == 0:
-            record = {"step": state["step"], "tokens": state["tokens"], "val_masked_ce": round(validation_loss(model, val_sampler, cfg), 4),
-                      **fim_check(model, tokenizer, val_sampler.texts)}
+            record = {"step": state["step"], "tokens": state["tokens"], "val_masked_ce": round(validation_loss(model, val_sampler, cfg), 4)}
+            try:
+                record.update(fim_check(model, tokenizer, val_sampler.texts))
+            except Exception:  # the FIM check must never stop a training run
+                log.exception("FIM check failed")
+                model.train()
             log.info("validation: %s", record)
             logfile.write(json.dumps(record) + "\n")
             logfile.flush()
