@@ -104,8 +104,9 @@ def site_package_files() -> list[SourceFile]:
             log.info("skip %s: license %r", name, license_text)
             continue
         for entry in dist.files or []:
-            top = entry.parts[0].lower().removesuffix(".py")
-            if top in EVAL_PACKAGES or "benchmarks" in entry.parts:
+            # Vendored copies count too (setuptools ships more_itertools under _vendor/).
+            parts = {part.lower().removesuffix(".py") for part in entry.parts}
+            if parts & EVAL_PACKAGES or "benchmarks" in parts:
                 continue
             language = SOURCE_SUFFIXES.get(Path(entry.name).suffix)
             if language is None:

@@ -7,6 +7,9 @@ parts separately (as the engine will at inference), and lays them out as
     context = [pad ...] <|suffix|> suffix <|prefix|> prefix <|middle|>     (causal)
     canvas  = middle tokens, then <|eoi|> up to the canvas length          (denoised)
 
+or, for the bidirectional variant that the model card compares against (LLaDA/Dream style),
+``[pad ...] <|bos|> prefix [canvas] suffix [pad ...]`` with full attention.
+
 The canvas is followed by <|eoi|> so the model learns where an infill ends; a middle longer
 than the canvas is cut and has no <|eoi|>, which teaches the model to go on in the next block.
 """
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from difill.inference.tokenizer import EOI, MIDDLE, PAD, PREFIX, SUFFIX, Tokenizer
+from difill.inference.tokenizer import BOS, EOI, MIDDLE, PAD, PREFIX, SUFFIX, Tokenizer
 
 SPAN_KINDS = ("line_tail", "whole_line", "block", "random")
 SPAN_WEIGHTS = (0.35, 0.2, 0.3, 0.15)
@@ -30,8 +33,9 @@ SUFFIX_CHARS = 800
 
 @dataclass
 class Batch:
-    context: torch.Tensor  # [B, C] int64
+    context: torch.Tensor  # [B, C] int64: the tokens before the canvas
     canvas: torch.Tensor  # [B, M] int64, the clean targets
+    after: torch.Tensor | None = None  # [B, S] the suffix after the canvas (bidirectional layout)
 
 
 def load_texts(path: Path) -> list[str]:
@@ -71,7 +75,11 @@ def choose_span(text: str, kind: str, rng: random.Random) -> tuple[int, int] | N
 class InfillSampler:
     """Draws batches of infill examples from a list of source texts, reproducibly from a seed."""
 
-    def __init__(self, texts: list[str], tokenizer: Tokenizer, context_len: int, suffix_budget: int, seed: int):
+    def __init__(self, texts: list[str], tokenizer: Tokenizer, context_len: int, suffix_budget: int, seed: int,
+                 layout: str = "block"):
+        if layout not in {"block", "bidirectional"}:
+            raise ValueError(f"unknown layout {layout!r}")
+        self.layout = layout
         self.texts = [t for t in texts if len(t) > 200]
         self.weights = [min(len(t), 50_000) for t in self.texts]
         self.tokenizer = tokenizer
@@ -100,14 +108,20 @@ class InfillSampler:
     def batch(self, batch_size: int, canvas_len: int) -> Batch:
         parts = [self.draw_parts() for _ in range(batch_size)]
         encoded = self.tokenizer.encode_batch([p for triple in parts for p in triple])
-        contexts, canvases = [], []
+        contexts, canvases, afters = [], [], []
         for b in range(batch_size):
             prefix, middle, suffix = encoded[3 * b: 3 * b + 3]
             suffix = suffix[: self.suffix_budget]
-            room = self.context_len - len(suffix) - 3
-            prefix = prefix[-room:] if room > 0 else []
-            context = [SUFFIX] + suffix + [PREFIX] + prefix + [MIDDLE]
-            contexts.append([PAD] * (self.context_len - len(context)) + context)
             canvas = middle[:canvas_len]
             canvases.append(canvas + [EOI] * (canvas_len - len(canvas)))
-        return Batch(torch.tensor(contexts), torch.tensor(canvases))
+            if self.layout == "block":
+                room = self.context_len - len(suffix) - 3
+                prefix = prefix[-room:] if room > 0 else []
+                context = [SUFFIX] + suffix + [PREFIX] + prefix + [MIDDLE]
+                contexts.append([PAD] * (self.context_len - len(context)) + context)
+            else:  # [bos] prefix [canvas] suffix, as the open dLLMs infill
+                room = self.context_len - self.suffix_budget - 1
+                prefix = prefix[-room:]
+                contexts.append([PAD] * (room - len(prefix)) + [BOS] + prefix)
+                afters.append(suffix + [PAD] * (self.suffix_budget - len(suffix)))
+        return Batch(torch.tensor(contexts), torch.tensor(canvases), torch.tensor(afters) if afters else None)

@@ -68,11 +68,11 @@ class TrainConfig:
 
 
 def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
-    """The model's config, with the context budget it was trained on (the engine's default)."""
+    """The model's config, with the context budget it was trained on (the engine's default).
+    ``cfg.model["attention"]`` picks the layout: "block" (default) or "bidirectional"."""
     return ModelConfig(
         extra={"context_tokens": cfg.context_len, "suffix_tokens": cfg.suffix_budget},
         vocab_size=tokenizer.vocab_size,
-        attention="block",
         mask_token_id=MASK, end_token_id=EOI, pad_token_id=PAD, bos_token_id=BOS,
         prefix_token_id=PREFIX, suffix_token_id=SUFFIX, middle_token_id=MIDDLE,
         **cfg.model,
@@ -86,19 +86,25 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def attention_mask(context: torch.Tensor, canvas_len: int) -> torch.Tensor:
-    """Block-diffusion pattern with left-padding keys hidden; [B, 1, T, T]."""
+def attention_mask(context: torch.Tensor, canvas_len: int, after: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, 1, T, T] with padding keys hidden: the block-diffusion pattern, or full attention
+    when a suffix follows the canvas (bidirectional layout)."""
     b, c = context.shape
-    base = block_diffusion_mask(c, canvas_len, context.device)
-    keys_real = torch.cat([context != PAD, torch.ones(b, canvas_len, dtype=torch.bool, device=context.device)], dim=1)
+    device = context.device
+    pieces = [context != PAD, torch.ones(b, canvas_len, dtype=torch.bool, device=device)]
+    if after is not None:
+        pieces.append(after != PAD)
+    keys_real = torch.cat(pieces, dim=1)
+    total = keys_real.shape[1]
+    base = torch.ones(total, total, dtype=torch.bool, device=device) if after is not None else block_diffusion_mask(c, canvas_len, device)
     mask = base[None] & keys_real[:, None, :]
-    mask |= torch.eye(c + canvas_len, dtype=torch.bool, device=context.device)[None]  # pads see themselves, not NaN
+    mask |= torch.eye(total, dtype=torch.bool, device=device)[None]  # pads see themselves, not NaN
     return mask[:, None]
 
 
 def diffusion_loss(model: Transformer, context: torch.Tensor, canvas: torch.Tensor, cfg: TrainConfig,
-                   generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """MDLM loss on the canvas plus weighted next-token loss on the context."""
+                   generator: torch.Generator, after: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """MDLM loss on the canvas plus (block layout) weighted next-token loss on the context."""
     b, c = context.shape
     m = canvas.shape[1]
     # Stratified masking rates: one per sequence, spread evenly over [min_mask_rate, 1].
@@ -107,10 +113,10 @@ def diffusion_loss(model: Transformer, context: torch.Tensor, canvas: torch.Tens
     masked = torch.rand(b, m, generator=generator) < t[:, None]
     masked[torch.arange(b), torch.randint(0, m, (b,), generator=generator)] = True
     noisy = torch.where(masked, torch.full_like(canvas, MASK), canvas)
-    ids = torch.cat([context, noisy], dim=1)
-    positions = torch.arange(c + m)
+    ids = torch.cat([context, noisy] + ([after] if after is not None else []), dim=1)
+    positions = torch.arange(ids.shape[1])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and ids.device.type == "cpu"):
-        hidden = model.hidden_states(ids, positions, mask=attention_mask(context, m))
+        hidden = model.hidden_states(ids, positions, mask=attention_mask(context, m, after))
         canvas_logits = model.logits(hidden[:, c:][masked])
         canvas_logits[:, MASK] = float("-inf")
         ce = F.cross_entropy(canvas_logits, canvas[masked], reduction="none")
@@ -121,8 +127,10 @@ def diffusion_loss(model: Transformer, context: torch.Tensor, canvas: torch.Tens
         start = max(0, c - 1 - cfg.ar_positions)
         targets = context[:, start + 1:]
         real = (targets != PAD) & (context[:, start:-1] != PAD)
-        ar_logits = model.logits(hidden[:, start: c - 1][real])
-        ar_loss = F.cross_entropy(ar_logits, targets[real])
+        if after is None:  # the context is causal only in the block layout
+            ar_loss = F.cross_entropy(model.logits(hidden[:, start: c - 1][real]), targets[real])
+        else:
+            ar_loss = torch.zeros(())
     loss = canvas_loss + cfg.ar_weight * ar_loss
     return loss, {"canvas_loss": canvas_loss.item(), "masked_ce": ce.mean().item(), "ar_loss": ar_loss.item()}
 
@@ -137,7 +145,7 @@ def validation_loss(model: Transformer, sampler: InfillSampler, cfg: TrainConfig
     total = 0.0
     for i in range(batches):
         batch = sampler.batch(cfg.batch_size, cfg.canvas_lens[i % len(cfg.canvas_lens)])
-        _, parts = diffusion_loss(model, batch.context, batch.canvas, cfg, gen)
+        _, parts = diffusion_loss(model, batch.context, batch.canvas, cfg, gen, batch.after)
         total += parts["masked_ce"]
     sampler.rng.setstate(state)
     model.train()
@@ -172,8 +180,10 @@ def fim_check(model: Transformer, tokenizer: Tokenizer, texts: list[str], cases:
     return {f"fim_exact_{k}": round(hits[k] / max(1, counts[k]), 4) for k in hits}
 
 
-def save_checkpoint(run: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Weights and optimizer moments as safetensors, the rest as JSON: no pickle anywhere."""
+def save_checkpoint(run: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: dict,
+                    generator: torch.Generator | None = None) -> None:
+    """Weights, optimizer moments and the masking RNG as safetensors, the rest (including the
+    data sampler's RNG) as JSON: no pickle anywhere, and a resumed run continues exactly."""
     ckpt = run / "ckpt"
     ckpt.mkdir(parents=True, exist_ok=True)
     tmp = ckpt / "tmp"
@@ -182,13 +192,16 @@ def save_checkpoint(run: Path, model: Transformer, optimizer: torch.optim.Optimi
     save_file(weights, str(tmp / "model.safetensors"))
     opt_state = optimizer.state_dict()
     tensors = {f"{idx}.{key}": value.contiguous() for idx, s in opt_state["state"].items() for key, value in s.items()}
+    if generator is not None:
+        tensors["generator.state"] = generator.get_state()
     save_file(tensors, str(tmp / "optim.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt_state["param_groups"]}))
     for name in ("model.safetensors", "optim.safetensors", "state.json"):
         (tmp / name).replace(ckpt / name)  # each file lands whole; state.json last marks a complete set
 
 
-def load_checkpoint(run: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict | None:
+def load_checkpoint(run: Path, model: Transformer, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator | None = None) -> dict | None:
     ckpt = run / "ckpt"
     if not (ckpt / "state.json").exists():
         return None
@@ -196,6 +209,9 @@ def load_checkpoint(run: Path, model: Transformer, optimizer: torch.optim.Optimi
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
     tensors = load_file(str(ckpt / "optim.safetensors"))
     opt_state: dict = {"state": {}, "param_groups": state.pop("param_groups")}
+    generator_state = tensors.pop("generator.state", None)
+    if generator is not None and generator_state is not None:
+        generator.set_state(generator_state)
     for key, value in tensors.items():
         idx, name = key.split(".", 1)
         opt_state["state"].setdefault(int(idx), {})[name] = value
@@ -231,13 +247,18 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     corpus = Path(cfg.corpus)
-    train_sampler = InfillSampler(load_texts(corpus / "train.jsonl"), tokenizer, cfg.context_len, cfg.suffix_budget, cfg.seed)
-    val_sampler = InfillSampler(load_texts(corpus / "val.jsonl"), tokenizer, cfg.context_len, cfg.suffix_budget, cfg.seed + 1)
-    state = load_checkpoint(run, model, optimizer) or {"step": 0, "tokens": 0, "seconds": 0.0}
+    layout = model.config.attention
+    train_sampler = InfillSampler(load_texts(corpus / "train.jsonl"), tokenizer, cfg.context_len, cfg.suffix_budget, cfg.seed, layout)
+    val_sampler = InfillSampler(load_texts(corpus / "val.jsonl"), tokenizer, cfg.context_len, cfg.suffix_budget, cfg.seed + 1, layout)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    state = load_checkpoint(run, model, optimizer, generator) or {"step": 0, "tokens": 0, "seconds": 0.0}
     if state["step"]:
         log.info("resumed %s at step %d (%d tokens)", run, state["step"], state["tokens"])
-        train_sampler.rng.seed(cfg.seed * 1_000_003 + state["step"])  # fresh but reproducible draws after resume
-    generator = torch.Generator().manual_seed(cfg.seed + state["step"])
+        if "sampler_rng" in state:
+            version, internal, gauss = state["sampler_rng"]
+            train_sampler.rng.setstate((version, tuple(internal), gauss))
+        else:  # a checkpoint from before the sampler state was saved
+            train_sampler.rng.seed(cfg.seed * 1_000_003 + state["step"])
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters, config %s", n_params / 1e6, model.config)
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -254,7 +275,7 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
         batch = train_sampler.batch(cfg.batch_size, canvas_len)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(state["step"], cfg)
-        loss, parts = diffusion_loss(model, batch.context, batch.canvas, cfg, generator)
+        loss, parts = diffusion_loss(model, batch.context, batch.canvas, cfg, generator, batch.after)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -283,8 +304,10 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
             logfile.write(json.dumps(record) + "\n")
             logfile.flush()
         if state["step"] % cfg.checkpoint_every == 0:
-            save_checkpoint(run, model, optimizer, state)
-    save_checkpoint(run, model, optimizer, state)
+            state["sampler_rng"] = train_sampler.rng.getstate()
+            save_checkpoint(run, model, optimizer, state, generator)
+    state["sampler_rng"] = train_sampler.rng.getstate()
+    save_checkpoint(run, model, optimizer, state, generator)
     card = {"steps": state["step"], "tokens": state["tokens"], "train_seconds": round(state["seconds"]),
             "parameters": n_params, "config": asdict(cfg), "hardware": f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else torch.cuda.get_device_name()}
     out = export(run, model, Path(cfg.tokenizer), card)

@@ -1,0 +1,97 @@
+"""The training pipeline on a tiny corpus: tokenizer round trip, both attention layouts train,
+a run resumes exactly where it stopped, and the export loads in the engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difill.inference.engine import Engine, InfillRequest
+from difill.inference.tokenizer import SPECIAL_TOKENS, Tokenizer
+from difill.training import corpus as corpus_module
+from difill.training.tokenizer import train_tokenizer
+from difill.training.train import train
+
+SOURCES = [Path(corpus_module.__file__), Path(corpus_module.__file__).with_name("data.py"),
+           Path(corpus_module.__file__).with_name("train.py"), Path(corpus_module.__file__).with_name("tokenizer.py")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rows = [{"path": p.name, "language": "python", "text": p.read_text()} for p in SOURCES]
+    (corpus / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:3]) + "\n")
+    (corpus / "val.jsonl").write_text(json.dumps(rows[3]) + "\n")
+    tokenizer = root / "tokenizer.json"
+    train_tokenizer(corpus, tokenizer, vocab_size=400)
+    return {"root": root, "corpus": corpus, "tokenizer": tokenizer}
+
+
+def write_config(tiny: dict, name: str, **overrides) -> Path:
+    config = {"model": {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "intermediate_size": 64},
+              "corpus": str(tiny["corpus"]), "tokenizer": str(tiny["tokenizer"]), "context_len": 48,
+              "suffix_budget": 16, "canvas_lens": [8, 16], "batch_size": 4, "lr": 0.01, "warmup_steps": 2,
+              "max_steps": 6, "bf16": False, "threads": 1, "log_every": 1, "eval_every": 1000,
+              "checkpoint_every": 3, **overrides}
+    path = tiny["root"] / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_tokenizer_reserves_special_ids_and_round_trips_any_text(tiny: dict) -> None:
+    tokenizer = Tokenizer.from_file(tiny["tokenizer"])
+    for i, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_id(token) == i
+    for text in ["def f(x):\n\treturn x  # ünïcode 😀 中文\r\n", "", "\x00\x7f binary-ish \udcff".encode("utf-8", "surrogatepass").decode("utf-8", "replace")]:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_corpus_keeps_evaluation_packages_out() -> None:
+    files = corpus_module.site_package_files()
+    packages = {f.package.lower() for f in files}
+    assert not packages & corpus_module.EVAL_PACKAGES
+    # vendored copies too: setuptools ships more_itertools under setuptools/_vendor/
+    assert not any(part.lower().removesuffix('.py') in corpus_module.EVAL_PACKAGES for f in files for part in f.path.parts)
+    assert all(corpus_module.is_permissive(f.license) for f in files)
+    assert not corpus_module.is_permissive("GNU General Public License v3 (GPLv3)")
+
+
+@pytest.mark.parametrize("attention", ["block", "bidirectional"])
+def test_resumed_run_equals_uninterrupted_run(tiny: dict, attention: str) -> None:
+    config = write_config(tiny, f"resume-{attention}", model={"hidden_size": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1,
+                                                               "intermediate_size": 64, "attention": attention})
+    straight = tiny["root"] / f"straight-{attention}"
+    train(config, straight)
+    interrupted = tiny["root"] / f"interrupted-{attention}"
+    cfg = json.loads(config.read_text())
+    half = tiny["root"] / f"half-{attention}.json"
+    half.write_text(json.dumps({**cfg, "max_steps": 3}))
+    train(half, interrupted)
+    # Same schedule length as the straight run, resumed from the step-3 checkpoint.
+    train(config, interrupted)
+    a = load_file(str(straight / "ckpt" / "model.safetensors"))
+    b = load_file(str(interrupted / "ckpt" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    log = [json.loads(line) for line in (interrupted / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_training_lowers_the_loss_and_exports_a_loadable_model(tiny: dict) -> None:
+    config = write_config(tiny, "learn", max_steps=60, checkpoint_every=1000, log_every=10)
+    run = tiny["root"] / "learn"
+    out = train(config, run)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if "masked_ce" in line]
+    assert log[-1]["ar_loss"] < log[0]["ar_loss"] - 0.5
+    engine = Engine.load(out)
+    assert engine.context_tokens == 48
+    result = engine.infill(InfillRequest(prefix="import json\n", suffix="\n", mode="line", language="python"))
+    assert result.steps >= 1 and isinstance(result.completion, str)
+    assert not list(out.glob("*.bin")) and (out / "model.safetensors").is_file()
