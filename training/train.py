@@ -117,7 +117,7 @@ def diffusion_loss(model: Transformer, context: torch.Tensor, canvas: torch.Tens
     positions = torch.arange(ids.shape[1])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and ids.device.type == "cpu"):
         hidden = model.hidden_states(ids, positions, mask=attention_mask(context, m, after))
-        canvas_logits = model.logits(hidden[:, c:][masked])
+        canvas_logits = model.logits(hidden[:, c: c + m][masked])
         canvas_logits[:, MASK] = float("-inf")
         ce = F.cross_entropy(canvas_logits, canvas[masked], reduction="none")
         weights = (1.0 / t)[:, None].expand(b, m)[masked]
