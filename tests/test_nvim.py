@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,3 +61,158 @@ def test_lua_unit():
 
 def test_ghost_text_and_keys():
     check_lua_tests(run_lua("ghost_text.lua"))
+
+
+# ------------------------------------------------------------------ end to end, real server
+
+WORD = rb"[A-Za-z0-9_\x80-\xff]"
+NOT_WORD = rb"[^A-Za-z0-9_\s\x80-\xff]"
+
+
+def next_word(ghost: bytes) -> bytes:
+    """What "accept word" must take: a line break with the next indent, or blanks plus one run
+    of word characters or of punctuation (the README's definition, written independently)."""
+    for pattern in (rb"\r?\n[ \t]*", rb"[ \t]*" + WORD + rb"+", rb"[ \t]*" + NOT_WORD + rb"+", rb"[ \t]+"):
+        match = re.match(pattern, ghost)
+        if match:
+            return match.group()
+    return ghost[:1]
+
+
+def next_line(ghost: bytes) -> bytes:
+    """What "accept line" must take: the rest of the line, or at a line break the next line."""
+    if ghost.startswith(b"\n"):
+        return b"\n" + ghost[1:].split(b"\n", 1)[0]
+    return ghost.split(b"\n", 1)[0]
+
+
+def buffer_bytes(snap: dict) -> bytes:
+    return "\n".join(snap["lines"]).encode()
+
+
+def cursor_offset(snap: dict) -> int:
+    row, col = snap["cursor"]
+    return sum(len(line.encode()) + 1 for line in snap["lines"][:row]) + col
+
+
+def inserted_piece(before: dict, after: dict) -> bytes:
+    """The bytes `after` has at `before`'s cursor that `before` has not; asserts nothing else changed."""
+    old, new, at = buffer_bytes(before), buffer_bytes(after), cursor_offset(before)
+    grown = len(new) - len(old)
+    assert grown > 0, f"nothing inserted: {after['lines']!r}"
+    assert new[:at] == old[:at] and new[at + grown:] == old[at:], (
+        f"the buffer changed elsewhere than at the cursor:\nbefore {before['lines']!r}\nafter  {after['lines']!r}")
+    return new[at:at + grown]
+
+
+def expected_cursor(before: dict, piece: bytes) -> list[int]:
+    row, col = before["cursor"]
+    lines = piece.split(b"\n")
+    return [row + len(lines) - 1, (col if len(lines) == 1 else 0) + len(lines[-1])]
+
+
+def expand_tabs(line: str, start: int, tabstop: int = 8) -> str:
+    out, col = [], start
+    for char in line:
+        if char == "\t":
+            width = tabstop - col % tabstop
+            out.append(" " * width)
+            col += width
+        else:
+            out.append(char)
+            col += 1
+    return "".join(out)
+
+
+def check_shown(snap: dict) -> str:
+    """A suggestion on show: its extmark sits at the cursor and shows exactly its text
+    (first line inline, the others as virtual lines)."""
+    ghost = snap["ghost"]
+    assert isinstance(ghost, str) and ghost, snap
+    assert snap["mode"] == "i"
+    assert snap["marks"] == 1, snap
+    assert snap["mark_pos"] == snap["cursor"], snap
+    line = snap["lines"][snap["cursor"][0]]
+    first, *rest = ghost.split("\n")
+    start = len(line.encode()[:snap["cursor"][1]].decode(errors="replace"))
+    assert snap["shown"] == "\n".join([expand_tabs(first, start)] + [expand_tabs(x, 0) for x in rest]), snap
+    return ghost
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory) -> dict:
+    workdir = tmp_path_factory.mktemp("nvim-e2e")
+    (workdir / "example.py").write_text("\n")
+    out = workdir / "result.json"
+    config = {"cmd": [sys.executable, "-m", "difill", "serve"], "workdir": str(workdir), "out": str(out)}
+    (workdir / "config.json").write_text(json.dumps(config))
+    proc = run_lua("e2e.lua", str(workdir / "config.json"), timeout=240, cwd=ROOT)
+    log = (workdir / "server.log").read_text(errors="replace")[-3000:] if (workdir / "server.log").exists() else ""
+    assert out.exists(), f"no result from e2e.lua:\n{proc.stdout}\n{proc.stderr}\nserver log:\n{log}"
+    result = json.loads(out.read_text())
+    assert "error" not in result, f"{result['error']}\n{proc.stderr}\nserver log:\n{log}"
+    assert proc.returncode == 0, proc.stderr
+    assert not result.get("no_suggestion"), (
+        "the server answered every inline-completion request with no item, at every context tried; "
+        f"the plugin's display could not be checked:\n{proc.stderr}")
+    return result
+
+
+@pytest.mark.slow
+def test_e2e_model_loads_and_manual_trigger_shows_ghost_text(e2e):
+    assert e2e["model"]["state"] == "ready"
+    check_shown(e2e["scenarios"]["manual"])
+
+
+@pytest.mark.slow
+def test_e2e_automatic_trigger_type_through_and_accept(e2e):
+    scenario = e2e["scenarios"]["auto"]
+    assert "none" not in scenario, "typing did not bring a suggestion where the manual trigger did"
+    shown = scenario["shown"]
+    check_shown(shown)
+    before = shown
+    if "typed" in scenario:
+        after = scenario["after_typing"]
+        assert inserted_piece(shown, after) == scenario["typed"].encode()
+        assert after["ghost"] == shown["ghost"][1:], "typing the suggestion's next character keeps the rest shown"
+        check_shown(after)
+        before = after
+    accepted = scenario["accepted"]
+    assert inserted_piece(before, accepted) == before["ghost"].encode(), "Tab inserts exactly the suggestion"
+    assert accepted["cursor"] == expected_cursor(before, before["ghost"].encode()), "cursor after the inserted text"
+    assert accepted["mode"] == "i"
+    assert e2e["status"]["counters"]["accepted"] >= 1, "difill.accept reached the server"
+
+
+@pytest.mark.slow
+def test_e2e_accept_word_then_line_then_dismiss(e2e):
+    scenario = e2e["scenarios"]["partial"]
+    shown = scenario["shown"]
+    ghost = check_shown(shown).encode()
+    word = scenario["word"]
+    piece = inserted_piece(shown, word)
+    assert piece == next_word(ghost), f"accept word took {piece!r} of {ghost!r}"
+    assert word["cursor"] == expected_cursor(shown, piece)
+    if piece == ghost:
+        return  # a one-word suggestion: accepting the word accepted it all
+    assert word["ghost"].encode() == ghost[len(piece):], "the rest stays shown"
+    check_shown(word)
+    assert e2e["status"]["counters"]["partiallyAccepted"] >= 1, "difill/didPartiallyAccept reached the server"
+    line = scenario["line"]
+    rest = ghost[len(piece):]
+    piece = inserted_piece(word, line)
+    assert piece == next_line(rest), f"accept line took {piece!r} of {rest!r}"
+    if "dismissed" in scenario:
+        dismissed = scenario["dismissed"]
+        assert dismissed["marks"] == 0 and dismissed["ghost"] is None
+        assert dismissed["lines"] == line["lines"], "dismissing leaves the buffer alone"
+
+
+@pytest.mark.slow
+def test_e2e_leaving_insert_mode_hides_the_suggestion(e2e):
+    scenario = e2e["scenarios"]["escape"]
+    check_shown(scenario["shown"])
+    left = scenario["left"]
+    assert left["mode"] == "n"
+    assert left["marks"] == 0 and left["ghost"] is None
+    assert left["lines"] == scenario["shown"]["lines"]

@@ -221,6 +221,12 @@ function M.is_visible()
   return s ~= nil and s.ghost ~= nil and s.bufnr == api.nvim_get_current_buf()
 end
 
+--- Whether an inline-completion request is waiting for the server (for statusline spinners).
+---@return boolean
+function M.is_pending()
+  return state.pending ~= nil or (state.timer ~= nil and state.timer:is_active())
+end
+
 --- The text not yet typed of the suggestion on show (nil when none is shown). For statuslines,
 --- tests and other plugins.
 ---@return string|nil
@@ -385,11 +391,12 @@ local function execute_command(client, command, bufnr)
 end
 
 local function notify_partial(client, bufnr, item, accepted_length)
-  local params = {
-    textDocument = { uri = vim.uri_from_bufnr(bufnr) },
-    acceptedLength = accepted_length,
-    command = item.command,
-  }
+  -- The server knows its items by the id that its difill.accept command carries.
+  local arguments = type(item.command) == 'table' and item.command.arguments or nil
+  if type(arguments) ~= 'table' or arguments[1] == nil then
+    return
+  end
+  local params = { itemId = arguments[1], acceptedLength = accepted_length }
   client_call(client, 'notify', 'difill/didPartiallyAccept', params)
 end
 
