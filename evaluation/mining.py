@@ -60,7 +60,7 @@ RETURN_TYPES = {"return_statement", "return_expression"}
 STATEMENT_TYPES = {"expression_statement", "return_statement", "local_variable_declaration", "lexical_declaration",
                    "variable_declaration", "let_declaration", "short_var_declaration", "declaration", "raise_statement",
                    "assert_statement", "throw_statement", "assignment_statement", "delete_statement", "break_statement",
-                   "continue_statement", "import_statement", "import_from_statement", "go_statement", "defer_statement",
+                   "continue_statement", "go_statement", "defer_statement",
                    "inc_statement", "dec_statement", "send_statement"}
 STATEMENT_PARENTS = BODY_TYPES | {"statement_list", "module"}
 NOT_CODE = ("comment", "string", "heredoc", "char_literal", "template_string", "raw_string", "interpreted_string")

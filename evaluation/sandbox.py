@@ -150,10 +150,13 @@ def _read(path: Path) -> str:
 
 
 def run(argv: Sequence[str], workdir: Path, limits: Limits = Limits(), stdin: str = "",
-        env: dict[str, str] | None = None, shell: bool = False) -> RunResult:
-    """Run one command in ``workdir`` under ``limits``; never raises for the command's failures."""
+        env: dict[str, str] | None = None, shell: bool = False, inherit_env: bool = False) -> RunResult:
+    """Run one command in ``workdir`` under ``limits``; never raises for the command's failures.
+
+    ``shell``: ``argv[0]`` is a shell command line. ``inherit_env``: start from this process's
+    environment (a repository's own test command may need it) instead of the minimal one."""
     workdir = Path(workdir)
-    full_env = sandbox_env(workdir, env)
+    full_env = {**os.environ, **(env or {})} if inherit_env else sandbox_env(workdir, env)
     command = list(argv) if not shell else ["/bin/sh", "-c", str(argv[0])]
     if not limits.network:
         prefix = network_isolation()
