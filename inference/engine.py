@@ -11,10 +11,20 @@ Two context layouts, chosen by the model:
 
 * difill's block layout ``<|suffix|> suffix <|prefix|> prefix <|middle|> [canvas]``: the
   context is causal, so its cache is exact; with the suffix first, typing only appends to the
-  prefix, and a request for the same document (``document_key``) re-encodes only what changed.
+  prefix, and a request for the same document (``document_key``) re-encodes only what changed
+  (the longest common token prefix with the document's previous context).
 * the open dLLM layout ``[bos] prefix [canvas] suffix`` with bidirectional attention: the
   context's keys and values are taken from a full forward pass and reused for
   ``refresh_every`` steps (Fast-dLLM's approximate dual cache).
+
+The model is reached through a *denoiser* with two calls, ``prefill`` (run context tokens into
+a cache) and ``canvas_logits`` (the output head at the canvas positions that can still change);
+:class:`TorchDenoiser` is the PyTorch one, :class:`difill.inference.onnx_backend.OnnxDenoiser`
+the ONNX Runtime one.
+
+Several requests can share one forward pass per step (:meth:`Engine.infill_batch`): each keeps
+its own context cache; the caches are left-padded to a common length and stacked, with a key
+mask hiding the padding, and each row reads its own positions.
 """
 
 from __future__ import annotations
@@ -37,9 +47,16 @@ from difill.inference.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "InfillRequest", "InfillResult", "Cancelled", "ModelLoadError", "EngineSettings"]
+__all__ = ["Engine", "InfillRequest", "InfillResult", "Cancelled", "ModelLoadError", "EngineSettings", "TorchDenoiser"]
 
 MODES = ("line", "block", "auto")
+# Tokens that end an infill in the open checkpoints' vocabularies, besides the config's eos:
+# DiffuCoder pads a finished answer with <|dlm_pad|>; chat-tuned models close with these.
+OPEN_END_TOKENS = ("<|dlm_pad|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
+# Models below this size run fastest on one CPU thread (bench/README.md): a step is many small
+# matrix products, and OpenMP's fork/join costs more than it saves, badly so when other
+# processes (the editor, a build) keep the cores busy.
+SMALL_MODEL_PARAMS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,8 @@ class InfillRequest:
     constrain_syntax: bool | None = None  # None: settings.constrain_syntax
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prefix, str) or not isinstance(self.suffix, str):
+            raise ValueError("prefix and suffix must be strings")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.max_tokens is not None and not 1 <= self.max_tokens <= 1024:
@@ -97,6 +116,35 @@ class EngineSettings:
     constrain_syntax: bool = True
     cache_bytes: int = 256 * 2**20  # memory bound of the per-document context caches
     prefix_quantum_lines: int = 4  # the prefix starts on a multiple of this line (cache stability)
+    fill_after_end: bool = True  # an end-of-infill token fills the rest of its canvas at once
+    threads: int | None = None  # torch CPU threads; None: 1 for small models (Engine.load), else torch's default
+    use_kernels: bool = True  # CUDA only: the fused kernels of difill.kernels when they are installed
+
+
+class TorchDenoiser:
+    """The two calls a denoising loop makes, on the PyTorch model. Other backends (ONNX
+    Runtime) and GPU kernels provide the same two methods."""
+
+    name = "torch"
+
+    def __init__(self, model: Transformer):
+        self.model = model
+
+    def prefill(self, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """Run context tokens ``ids`` [1, T] causally after the cache, appending their keys and values."""
+        self.model.hidden_states(ids, positions, cache=cache, causal=True, store=True)
+
+    def canvas_logits(self, cache: KVCache | None, canvas: torch.Tensor, positions: torch.Tensor,
+                      select: torch.Tensor | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [N, V] at the ``select``ed canvas positions (all [B, M, V] when None).
+
+        Only the selected rows go through the output head: on a small model the head over an
+        8k vocabulary is a third of a step, and most canvas positions are settled after a few steps.
+        """
+        hidden = self.model.hidden_states(canvas, positions, cache=cache, key_valid=key_valid)
+        if select is not None:
+            hidden = hidden[select.to(hidden.device)]
+        return self.model.logits(hidden)
 
 
 @dataclass
@@ -113,6 +161,69 @@ class _Context:
     after: list[int] = field(default_factory=list)
 
 
+@dataclass
+class _Job:
+    """One request on its way through the denoising loop."""
+
+    request: InfillRequest
+    language: object
+    mode: str
+    max_tokens: int
+    critics: list
+    is_end: torch.Tensor
+    generator: torch.Generator
+    state: dict
+    start: float
+    outputs: list[list[int]] = field(default_factory=list)
+    finished: list[bool] = field(default_factory=list)
+    steps: int = 0
+    done: bool = False
+    latency_ms: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return self.request.candidates
+
+
+class _NoGrammars:
+    """Stands in for :mod:`difill.grammars` while it is not installed: no language, the mode
+    from the cursor line, line completions cut at the first newline, no syntax critic."""
+
+    SyntaxCritic = None
+
+    @staticmethod
+    def language_for(language_id=None, path=None):
+        return None
+
+    @staticmethod
+    def decide_mode(prefix: str, suffix: str, language) -> str:
+        before = prefix[prefix.rfind("\n") + 1:]
+        after = suffix.split("\n", 1)[0]
+        return "block" if not before.strip() and not after.strip() else "line"
+
+    @staticmethod
+    def trim_completion(prefix: str, completion: str, suffix: str, language, mode: str) -> str:
+        return completion.split("\n", 1)[0] if mode == "line" else completion
+
+
+_warned_no_grammars = False
+
+
+def _grammars():
+    """difill.grammars when it provides its API, else :class:`_NoGrammars` (logged once)."""
+    global _warned_no_grammars
+    try:
+        from difill import grammars
+    except ImportError:
+        grammars = None
+    if grammars is not None and all(hasattr(grammars, n) for n in ("language_for", "decide_mode", "trim_completion")):
+        return grammars
+    if not _warned_no_grammars:
+        log.warning("difill.grammars is not available: completing without languages or the syntax constraint")
+        _warned_no_grammars = True
+    return _NoGrammars
+
+
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model", device: str = "cpu",
                  backend: str = "torch", settings: EngineSettings | None = None):
@@ -122,25 +233,39 @@ class Engine:
         self.device = device
         self.backend = backend
         self.settings = settings or EngineSettings()
+        self.denoiser = TorchDenoiser(model)
         c = model.config
         self.block_layout = c.attention == "block" and c.prefix_token_id is not None
         self.context_tokens = int(c.extra.get("context_tokens", 1024))
         self.default_suffix_tokens = int(c.extra.get("suffix_tokens", 256))
         vocab = c.vocab_size
+        pieces = tokenizer.pieces()
+        end_ids = {c.end_token_id, *[int(i) for i in c.extra.get("end_token_ids", [])]}
+        if not self.block_layout:
+            end_ids |= {i for i in (tokenizer.token_id(t) for t in OPEN_END_TOKENS) if i is not None}
+        self.end_ids = sorted(i for i in end_ids if 0 <= i < vocab)
         self._end = torch.zeros(vocab, dtype=torch.bool)
-        self._end[c.end_token_id] = True
+        self._end[self.end_ids] = True
         self._newline_end = self._end.clone()
-        for i in range(min(vocab, tokenizer.vocab_size)):
-            if "\n" in tokenizer.piece(i):
-                self._newline_end[i] = True
+        newline = [i for i in range(min(vocab, len(pieces))) if "\n" in pieces[i]]
+        self._newline_end[newline] = True
         self._banned = torch.zeros(vocab, dtype=torch.bool)
         for special in (c.mask_token_id, c.pad_token_id, c.bos_token_id, c.prefix_token_id, c.suffix_token_id, c.middle_token_id):
-            if special is not None and special != c.end_token_id and special < vocab:
+            if special is not None and special not in end_ids and 0 <= special < vocab:
                 self._banned[special] = True
         if tokenizer.vocab_size < vocab:  # padded embedding rows that no text maps to
             self._banned[tokenizer.vocab_size:] = True
         self._caches: OrderedDict[str, _CacheEntry] = OrderedDict()
         self._lock = threading.Lock()
+        # difill.kernels (issue 9): Triton canvas attention and fused head + confidence, CUDA only;
+        # EngineSettings.use_kernels=False or DIFILL_KERNELS=0 turns them off.
+        self.use_kernels = False
+        if device == "cuda" and self.settings.use_kernels:
+            from difill.kernels import kernels_enabled
+            from difill.kernels.hooks import set_canvas_attention
+
+            self.use_kernels = kernels_enabled(device)
+            set_canvas_attention(model, self.use_kernels)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -154,17 +279,35 @@ class Engine:
             raise ValueError(f"unknown device {device!r} (cpu, cuda)")
         if device == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError("--device cuda: no CUDA device is available to PyTorch on this machine")
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        net = load_model(directory, device=device, dtype=dtype)
+        settings = settings or EngineSettings()
+        # The tokenizer first: a missing tokenizer.json should not wait for gigabytes of weights.
+        if not (directory / "config.json").is_file():
+            load_model(directory)  # raises the precise ModelLoadError (no directory, no config)
         try:
             tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
         except TokenizerError as exc:
             raise ModelLoadError(str(exc)) from exc
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        net = load_model(directory, device=device, dtype=dtype)
+        if tokenizer.vocab_size > net.config.vocab_size:
+            raise ModelLoadError(f"{directory / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, more than the model's "
+                                 f"vocabulary of {net.config.vocab_size} (config.json): tokenizer and weights do not match")
+        n_params = sum(p.numel() for p in net.parameters())
+        threads = settings.threads
+        if threads is None and device == "cpu" and n_params < SMALL_MODEL_PARAMS:
+            threads = 1
+        if threads:
+            torch.set_num_threads(threads)
         engine = cls(net, tokenizer, name=directory.name, device=device, backend=backend, settings=settings)
         if backend == "onnx":
+            if not engine.block_layout:
+                raise ModelLoadError(f"{directory}: --backend onnx runs difill's block-layout models; this "
+                                     f"{net.config.attention} model needs --backend torch")
             from difill.inference.onnx_backend import OnnxDenoiser
-            engine._onnx = OnnxDenoiser.for_engine(engine, directory)
-        log.info("loaded %s (%.1fM parameters, %s, %s)", directory, engine.n_params / 1e6, backend, device)
+
+            engine.denoiser = OnnxDenoiser.for_engine(engine, directory)
+        log.info("loaded %s (%.1fM parameters, %s, %s, %d threads)", directory, engine.n_params / 1e6, backend, device,
+                 torch.get_num_threads())
         return engine
 
     @property
@@ -175,24 +318,56 @@ class Engine:
         c = self.model.config
         return {"model": self.name, "parameters": self.n_params, "attention": c.attention, "backend": self.backend,
                 "device": self.device, "vocab_size": c.vocab_size, "layers": c.n_layers, "hidden_size": c.hidden_size,
-                "context_tokens": self.context_tokens}
+                "context_tokens": self.context_tokens, "threads": torch.get_num_threads(),
+                "cached_documents": len(self._caches), "cache_bytes": self.cache_bytes()}
 
     # ------------------------------------------------------------------ public API
     def infill(self, request: InfillRequest, cancel: Callable[[], bool] | None = None,
                on_step: Callable[[StepView], None] | None = None) -> InfillResult:
         """Complete one request. ``cancel`` is polled between steps (raises :class:`Cancelled`)."""
         with self._lock, torch.inference_mode():
-            return self._infill(request, cancel, on_step)
+            job = self._start(request)
+            self._denoise([job], cancel, on_step)
+            return self._result(job)
+
+    def infill_batch(self, requests: Sequence[InfillRequest]) -> list[InfillResult | Exception]:
+        """Complete several requests together: one forward pass per denoising step for all of
+        them (block-layout models; open dLLMs run one after the other). A request that fails
+        yields its exception in its slot; the others still complete. Each result's latency is
+        the time from the start of the batch until that request finished."""
+        results: list[InfillResult | Exception | None] = [None] * len(requests)
+        with self._lock, torch.inference_mode():
+            jobs: list[tuple[int, _Job]] = []
+            keys_seen: set[str] = set()
+            for i, request in enumerate(requests):
+                try:
+                    if request.document_key in keys_seen:  # one cache per document: the second one goes without
+                        request = _replace(request, document_key=None)
+                    if request.document_key:
+                        keys_seen.add(request.document_key)
+                    jobs.append((i, self._start(request)))
+                except (ValueError, RuntimeError) as exc:
+                    results[i] = exc
+            if self.block_layout:
+                groups: dict[int | None, list[tuple[int, _Job]]] = {}
+                for i, job in jobs:  # one sampler setting per forward pass: group by fixed steps
+                    groups.setdefault(job.request.steps, []).append((i, job))
+                batches = list(groups.values())
+            else:
+                batches = [[pair] for pair in jobs]
+            for batch in batches:
+                try:
+                    self._denoise([job for _, job in batch], None, None)
+                    for i, job in batch:
+                        results[i] = self._result(job)
+                except (ValueError, RuntimeError) as exc:
+                    for i, _ in batch:
+                        results[i] = exc
+        return results  # type: ignore[return-value]
 
     def infill_many(self, requests: Sequence[InfillRequest]) -> list[InfillResult | Exception]:
-        """Complete several requests; a failing one yields its exception, the others still run."""
-        results: list[InfillResult | Exception] = []
-        for request in requests:
-            try:
-                results.append(self.infill(request))
-            except (ValueError, RuntimeError) as exc:
-                results.append(exc)
-        return results
+        """Complete several requests (batched, see :meth:`infill_batch`)."""
+        return self.infill_batch(requests)
 
     def forget(self, document_key: str) -> None:
         """Drop a document's cache (it was closed)."""
@@ -200,80 +375,119 @@ class Engine:
             self._caches.pop(document_key, None)
 
     def cache_bytes(self) -> int:
-        return sum(entry.cache.nbytes() for entry in self._caches.values())
+        return sum(entry.cache.nbytes() for entry in list(self._caches.values()))
 
-    # ------------------------------------------------------------------ internals
-    def _infill(self, request: InfillRequest, cancel, on_step) -> InfillResult:
-        from difill import grammars
-
+    # ------------------------------------------------------------------ one request
+    def _start(self, request: InfillRequest) -> _Job:
+        """Decide mode and budget, encode the context and bring its cache up to date."""
         start = time.perf_counter()
+        grammars = _grammars()
         s = self.settings
         language = grammars.language_for(request.language, request.path)
         if language is None and (request.language or request.path):
-            log.info("no grammar for language %r / %r: completing without the syntax constraint", request.language, request.path)
+            log.debug("no grammar for language %r / %r: completing without the syntax constraint", request.language, request.path)
         mode = request.mode if request.mode != "auto" else grammars.decide_mode(request.prefix, request.suffix, language)
         max_tokens = request.max_tokens or (s.line_tokens if mode == "line" else s.block_tokens)
         constrain = (s.constrain_syntax if request.constrain_syntax is None else request.constrain_syntax) and language is not None
-        rows = request.candidates
-        critics: list[Critic | None] = [grammars.SyntaxCritic(language, request.prefix, request.suffix, mode) for _ in range(rows)] if constrain else []
+        critic_class = getattr(grammars, "SyntaxCritic", None)
+        critics = [critic_class(language, request.prefix, request.suffix, mode) for _ in range(request.candidates)] \
+            if constrain and critic_class is not None else []
         context = self._encode_context(request.prefix, request.suffix)
-        generator = torch.Generator().manual_seed(request.seed)
-        settings = SamplerSettings(policy=s.policy, steps=request.steps, threshold=s.threshold, remask_below=s.remask_below,
-                                   temperature=0.0 if rows == 1 else 0.8)
-        is_end = self._newline_end if mode == "line" else self._end
-        outputs: list[list[int]] = [[] for _ in range(rows)]
-        finished = [False] * rows
-        total_steps, cached_tokens, block = 0, 0, 0
         state = self._prepare(context, request.document_key)
-        cached_tokens = state["reused"]
-        while not all(finished) and len(outputs[0]) < max_tokens:
-            canvas_len = min(s.canvas_tokens if mode == "block" else s.line_tokens, max_tokens - max(len(o) for o in outputs))
-            logits_fn = self._logits_fn(state, rows, canvas_len)
-            denoise = Denoise(logits_fn, self.model.config.mask_token_id, is_end, self._banned, settings,
-                              piece=self.tokenizer.piece, critics=critics, cancel=cancel, on_step=on_step, generator=generator)
-            result = denoise.run(rows, canvas_len, block=block)
-            total_steps += result.steps
-            for r in range(rows):
-                if not finished[r]:
-                    outputs[r].extend(result.tokens[r])
-                    finished[r] = result.ended[r]
+        job = _Job(request, language, mode, max_tokens, critics, self._newline_end if mode == "line" else self._end,
+                   torch.Generator().manual_seed(request.seed), state, start)
+        job.outputs = [[] for _ in range(request.candidates)]
+        job.finished = [False] * request.candidates
+        return job
+
+    def _result(self, job: _Job) -> InfillResult:
+        grammars = _grammars()
+        request = job.request
+        texts = []
+        for ids in job.outputs:
+            text = self.tokenizer.decode(ids)
+            texts.append(grammars.trim_completion(request.prefix, text, request.suffix, job.language, job.mode))
+        latency = job.latency_ms or (time.perf_counter() - job.start) * 1000
+        parse_ms = sum(getattr(c, "parse_seconds", 0.0) for c in job.critics if c is not None) * 1000
+        return InfillResult(texts[0], texts, job.steps, sum(len(o) for o in job.outputs), round(latency, 2), job.mode,
+                            getattr(job.language, "name", None), job.state["reused"], round(parse_ms, 3))
+
+    def _sampler_settings(self, steps: int | None) -> SamplerSettings:
+        s = self.settings
+        return SamplerSettings(policy=s.policy, steps=steps, threshold=s.threshold, remask_below=s.remask_below,
+                               temperature=0.8)  # read by the rows that sample (candidates after the first)
+
+    def _denoise(self, jobs: list[_Job], cancel, on_step) -> None:
+        """Block by block until every job has ended or reached its token budget."""
+        s = self.settings
+        c = self.model.config
+        block = 0
+        active = list(jobs)
+        while active:
+            lens: list[int] = []
+            for job in active:
+                produced = max(len(o) for o in job.outputs)
+                width = s.canvas_tokens if job.mode == "block" else s.line_tokens
+                lens += [max(1, min(width, job.max_tokens - produced))] * job.rows
+            if self.block_layout:
+                logits_fn = self._block_logits_fn(active, lens)
+            else:
+                logits_fn = self._bidirectional_logits_fn(active[0].state, lens[0])
+            rows = len(lens)
+            is_end = active[0].is_end if all(j.is_end is active[0].is_end for j in active) else \
+                torch.stack([j.is_end for j in active for _ in range(j.rows)])
+            critics = [critic for j in active for critic in (j.critics or [None] * j.rows)]
+            confidence_fn = None
+            if self.use_kernels and self.block_layout and len(active) == 1 and self.denoiser.name == "torch":
+                from difill.kernels.hooks import make_confidence_fn  # difill.kernels (issue 9): no logits on the host
+
+                confidence_fn = make_confidence_fn(self.model, active[0].state["cache"], max(lens), self._banned, s.policy)
+            denoise = Denoise(logits_fn, c.mask_token_id, is_end, self._banned, self._sampler_settings(active[0].request.steps),
+                              piece=self.tokenizer.piece, critics=critics if any(critics) else (), cancel=cancel,
+                              on_step=on_step, generators=[j.generator for j in active for _ in range(j.rows)],
+                              fill_id=c.end_token_id if s.fill_after_end else None, confidence_fn=confidence_fn)
+            sampled = [r > 0 for j in active for r in range(j.rows)]
+            result = denoise.run(rows, lens, block=block, sampled=sampled)
+            row = 0
+            for job in active:
+                rows_of_job = range(row, row + job.rows)
+                row += job.rows
+                job.steps += max(result.row_steps[r] for r in rows_of_job)
+                for k, r in enumerate(rows_of_job):
+                    if not job.finished[k]:
+                        job.outputs[k].extend(result.tokens[r])
+                        job.finished[k] = result.ended[r]
+                if all(job.finished) or max(len(o) for o in job.outputs) >= job.max_tokens or job.rows > 1:
+                    # candidates diverge: one block each is what editors show
+                    job.done = True
+                    job.latency_ms = (time.perf_counter() - job.start) * 1000
+                else:  # the canvas is full and the infill goes on: the block joins the context
+                    self._extend(job.state, result.tokens[rows_of_job[0]])
+            active = [j for j in active if not j.done]
             block += 1
-            if all(finished) or len(outputs[0]) >= max_tokens:
-                break
-            # The canvas is full and the infill goes on: the committed block joins the context.
-            if rows > 1:
-                break  # candidates diverge; one block each is what editors show
-            self._extend(state, result.tokens[0])
-        texts = [self._finish_text(o, request, language, mode) for o in outputs]
-        best = texts[0]
-        latency = (time.perf_counter() - start) * 1000
-        parse_ms = sum(getattr(c, "parse_seconds", 0.0) for c in critics if c is not None) * 1000
-        return InfillResult(best, texts, total_steps, sum(len(o) for o in outputs), round(latency, 2), mode,
-                            language.name if language else None, cached_tokens, round(parse_ms, 3))
 
-    def _finish_text(self, ids: list[int], request: InfillRequest, language, mode: str) -> str:
-        from difill import grammars
-
-        text = self.tokenizer.decode(ids)
-        return grammars.trim_completion(request.prefix, text, request.suffix, language, mode)
-
+    # ------------------------------------------------------------------ context
     def _budget_prefix(self, prefix: str, budget: int) -> list[int]:
         """The last ``budget`` tokens of the prefix, starting at a line start. The start line is a
         multiple of ``prefix_quantum_lines`` so it rarely moves while the user types, which keeps
-        the cached context valid."""
+        the cached context valid. One encoding of a window finds the start; the chosen text is
+        encoded again on its own, as training did."""
         window = prefix[-budget * 8:] if len(prefix) > budget * 8 else prefix
-        ids = self.tokenizer.encode(window)
+        ids, offsets = self.tokenizer.encode_with_offsets(window)
         if len(ids) <= budget and len(window) == len(prefix):
             return ids
-        line_starts = [0] + [i + 1 for i, ch in enumerate(window) if ch == "\n"]
-        base_line = prefix.count("\n") - window.count("\n")
+        first_kept = offsets[len(ids) - budget][0] if len(ids) > budget else 0  # the earliest character that fits
+        base_line = prefix.count("\n", 0, len(prefix) - len(window))
         quantum = max(1, self.settings.prefix_quantum_lines)
-        for k, start in enumerate(line_starts):
-            if k > 0 and (base_line + k) % quantum != 0:
-                continue
-            ids = self.tokenizer.encode(window[start:])
-            if len(ids) <= budget:
-                return ids
+        start = window.find("\n", max(0, first_kept - 1))
+        line = base_line + window.count("\n", 0, start + 1) if start >= 0 else None
+        while start >= 0:
+            if (line or 0) % quantum == 0:
+                ids = self.tokenizer.encode(window[start + 1:])
+                if len(ids) <= budget:
+                    return ids
+            start = window.find("\n", start + 1)
+            line = (line or 0) + 1
         return self.tokenizer.encode(window[-budget * 2:])[-budget:]  # one huge line
 
     def _budget_suffix(self, suffix: str, budget: int) -> list[int]:
@@ -299,12 +513,11 @@ class Engine:
     def _prepare(self, context: _Context, document_key: str | None) -> dict:
         """Block layout: an exact cache of the context, reusing the document's previous one."""
         if not self.block_layout:
-            return {"context": context, "cache": None, "reused": 0, "steps_since_refresh": 0}
+            return {"context": _Context(list(context.before), list(context.after)), "cache": None, "reused": 0}
         entry = self._caches.pop(document_key, None) if document_key else None
         ids = context.before
         reused = 0
         if entry is not None:
-            reused = 0
             for a, b in zip(entry.ids, ids):
                 if a != b:
                     break
@@ -314,21 +527,18 @@ class Engine:
             cache = entry.cache
         else:
             cache = self.model.new_cache()
-        self._run_context(cache, ids[reused:], start=reused)
+        self._prefill(cache, ids[reused:], start=reused)
         if document_key:
             self._caches[document_key] = _CacheEntry(list(ids), cache)
             self._evict()
         return {"context": context, "cache": cache, "reused": reused, "ids": list(ids), "key": document_key}
 
-    def _run_context(self, cache: KVCache, ids: list[int], start: int) -> None:
+    def _prefill(self, cache: KVCache, ids: list[int], start: int) -> None:
         if not ids:
             return
         tensor = torch.tensor([ids], device=self.device)
         positions = torch.arange(start, start + len(ids), device=self.device)
-        if getattr(self, "_onnx", None) is not None:
-            self._onnx.prefill(cache, tensor, positions)
-        else:
-            self.model.hidden_states(tensor, positions, cache=cache, causal=True, store=True)
+        self.denoiser.prefill(cache, tensor, positions)
 
     def _extend(self, state: dict, committed: list[int]) -> None:
         """The canvas block is final: append it to the context (the next block continues it)."""
@@ -337,31 +547,45 @@ class Engine:
             cache, ids = state["cache"], state["ids"]
             cache.truncate(len(ids) - 1)
             new = committed + [ids[-1]]
-            self._run_context(cache, new, start=len(ids) - 1)
+            self._prefill(cache, new, start=len(ids) - 1)
             state["ids"] = ids[:-1] + new
             if state.get("key"):
                 self._caches[state["key"]] = _CacheEntry(list(state["ids"]), cache)
+                self._evict()
         else:
             state["context"].before.extend(committed)
-            state["steps_since_refresh"] = 0
 
-    def _logits_fn(self, state: dict, rows: int, canvas_len: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        if self.block_layout:
-            cache = state["cache"]
+    # ------------------------------------------------------------------ logits
+    def _block_logits_fn(self, jobs: list[_Job], lens: list[int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Logits at the selected canvas positions of every row, the rows of each job reading
+        that job's context cache. One job: its cache is shared by its rows (no copy). Several:
+        the caches are stacked with left padding and a key mask; each row has its own positions."""
+        device = self.device
+        width = max(lens)
+        if len(jobs) == 1:
+            cache = jobs[0].state["cache"]
             start = cache.length
-            positions = torch.arange(start, start + canvas_len, device=self.device)
-            onnx = getattr(self, "_onnx", None)
+            positions = torch.arange(start, start + width, device=device)
 
-            def block_logits(canvas: torch.Tensor) -> torch.Tensor:
-                canvas = canvas.to(self.device)
-                if onnx is not None:
-                    return onnx.canvas_logits(cache, canvas, positions)
-                return self.model.logits(self.model.hidden_states(canvas, positions, cache=cache)).cpu()
+            def one_context(canvas: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+                return self.denoiser.canvas_logits(cache, canvas.to(device), positions, select)
 
-            return block_logits
-        return self._bidirectional_logits_fn(state, rows, canvas_len)
+            return one_context
+        caches = [j.state["cache"] for j in jobs for _ in range(j.rows)]
+        lengths = torch.tensor([cache.length for cache in caches], device=device)
+        stacked, context_valid = KVCache.stack(caches)
+        positions = lengths[:, None] + torch.arange(width, device=device)[None, :]
+        canvas_valid = torch.arange(width, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+        key_valid = torch.cat([context_valid.to(device), canvas_valid], dim=1)
+        if bool(key_valid.all()):
+            key_valid = None  # equal lengths: no mask, the fast attention path
 
-    def _bidirectional_logits_fn(self, state: dict, rows: int, canvas_len: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def many_contexts(canvas: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+            return self.denoiser.canvas_logits(stacked, canvas.to(device), positions, select, key_valid)
+
+        return many_contexts
+
+    def _bidirectional_logits_fn(self, state: dict, canvas_len: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Open dLLMs: full forward every ``refresh_every`` steps, canvas-only steps in between
         over the cached keys/values of prefix and suffix (approximate, as in Fast-dLLM)."""
         context = state["context"]
@@ -371,32 +595,46 @@ class Engine:
         # With shifted logits, canvas token i is read at position i - 1: the window starts one early.
         window_start = n_before - 1 if shift else n_before
         window_len = canvas_len + (1 if shift else 0)
+        total = n_before + canvas_len + len(after)
+        keep = torch.tensor([i for i in range(total) if not window_start <= i < window_start + window_len], dtype=torch.long)
+        before_t = torch.tensor([before], dtype=torch.long)
+        after_t = torch.tensor([after], dtype=torch.long)
         memo: dict = {"cache": None, "age": 0}
         device = self.device
+        model = self.model
 
-        def bidirectional_logits(canvas: torch.Tensor) -> torch.Tensor:
+        def bidirectional_logits(canvas: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
             b = canvas.shape[0]
-            full = torch.cat([torch.tensor([before] * b, dtype=torch.long), canvas, torch.tensor([after] * b, dtype=torch.long)], dim=1).to(device)
+            full = torch.cat([before_t.expand(b, -1), canvas, after_t.expand(b, -1)], dim=1).to(device)
             if memo["cache"] is None or memo["age"] >= self.settings.refresh_every:
-                cache = self.model.new_cache()
-                positions = torch.arange(full.shape[1], device=device)
-                hidden = self.model.hidden_states(full, positions, cache=cache, store=True)
-                keep = torch.tensor([i for i in range(full.shape[1]) if not window_start <= i < window_start + window_len], device=device)
+                cache = model.new_cache()
+                hidden = model.hidden_states(full, torch.arange(total, device=device), cache=cache, store=True)
+                index = keep.to(device)
                 for layer in range(len(cache.keys)):
-                    cache.keys[layer] = cache.keys[layer][:1, :, keep]
-                    cache.values[layer] = cache.values[layer][:1, :, keep]
+                    cache.keys[layer] = cache.keys[layer][:1, :, index]
+                    cache.values[layer] = cache.values[layer][:1, :, index]
                 memo.update(cache=cache, age=1)
                 window_hidden = hidden[:, window_start: window_start + window_len]
             else:
                 memo["age"] += 1
                 window = full[:, window_start: window_start + window_len]
+                # The cache holds the keys of every position outside the window, rotated at their
+                # true positions; attention is bidirectional, so their order does not matter.
                 positions = torch.arange(window_start, window_start + window_len, device=device)
-                window_hidden = self.model.hidden_states(window, positions, cache=memo["cache"])
-            logits = self.model.logits(window_hidden).cpu()
-            return logits[:, :-1] if shift else logits
+                window_hidden = model.hidden_states(window, positions, cache=memo["cache"])
+            if shift:
+                window_hidden = window_hidden[:, :-1]
+            return model.logits(window_hidden[select.to(window_hidden.device)])
 
         return bidirectional_logits
 
     def _evict(self) -> None:
         while len(self._caches) > 1 and self.cache_bytes() > self.settings.cache_bytes:
-            self._caches.popitem(last=False)
+            key, _ = self._caches.popitem(last=False)
+            log.debug("context cache over %d bytes: dropped %s", self.settings.cache_bytes, key)
+
+
+def _replace(request: InfillRequest, **changes) -> InfillRequest:
+    from dataclasses import replace
+
+    return replace(request, **changes)

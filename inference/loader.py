@@ -54,50 +54,136 @@ def read_config(directory: Path) -> dict:
     if not path.is_file():
         raise ModelLoadError(f"{path}: missing (a model directory needs config.json, *.safetensors and tokenizer.json)")
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw
+
+
+def _ids(value) -> list[int]:
+    """A token id field of a Hugging Face config: an int, a list of ints (``eos_token_id``), or null."""
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _first(value, default: int | None) -> int | None:
+    ids = _ids(value)
+    return ids[0] if ids else default
+
+
+def _rope_theta(raw: dict, default: float) -> float:
+    """``rope_theta`` at the top level (transformers 4) or in ``rope_parameters`` (transformers 5).
+    Scaled RoPE variants (YaRN, linear, dynamic) would silently change every position: refused."""
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    for table in (params, scaling):
+        kind = table.get("rope_type", table.get("type", "default"))
+        if kind not in (None, "default"):
+            raise ValueError(f"rope scaling {kind!r} is not supported (only plain RoPE)")
+    return float(raw.get("rope_theta", params.get("rope_theta", default)))
+
+
+# LLaDA options that change the computation; difill implements the values the released
+# checkpoints use (configuration_llada.py names) and refuses the others rather than computing
+# something else.
+LLADA_REQUIRED = {
+    "block_type": "llama",
+    "activation_type": "silu",
+    "layer_norm_type": "rms",
+    "alibi": False,
+    "rope": True,
+    "include_bias": False,
+    "attention_layer_norm": False,
+    "input_emb_norm": False,
+    "scale_logits": False,
+    "block_group_size": 1,
+}
 
 
 def config_from_hf(raw: dict, path: Path) -> ModelConfig:
-    """Map difill, Qwen2/Dream and LLaDA configs onto :class:`ModelConfig`."""
+    """Map difill, Qwen2/Dream (Dream, Dream-Coder, DiffuCoder) and LLaDA configs onto :class:`ModelConfig`.
+
+    Token ids follow the released configs: Dream's mask is 151666 and its end/pad 151643
+    (<|endoftext|>); Dream-Coder's bos is 151665; LLaDA's mask is 126336, eos/pad 126081 and bos
+    126080. Extra end ids (a list ``eos_token_id``) go to ``extra["end_token_ids"]``.
+    """
     kind = str(raw.get("model_type", "")).lower()
     try:
         if kind == "difill":
             return ModelConfig.from_dict({k: v for k, v in raw.items() if k != "model_type"})
         if kind in {"dream", "qwen2", "diffucoder"}:
+            if raw.get("hidden_act", "silu") != "silu":
+                raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported (silu)")
+            heads = raw["num_attention_heads"]
+            ends = _ids(raw.get("eos_token_id")) or [151643]
+            pad = _first(raw.get("pad_token_id"), ends[0])
             return ModelConfig(
                 vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
-                n_heads=raw["num_attention_heads"], n_kv_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
+                n_heads=heads, n_kv_heads=raw.get("num_key_value_heads") or heads,
                 intermediate_size=raw["intermediate_size"], max_position=raw.get("max_position_embeddings", 32768),
-                rope_theta=raw.get("rope_theta", 10000.0), rms_eps=raw.get("rms_norm_eps", 1e-6), qkv_bias=True,
-                tie_embeddings=raw.get("tie_word_embeddings", False), attention="bidirectional", shift_logits=True,
-                mask_token_id=raw.get("mask_token_id", 151666), end_token_id=raw.get("pad_token_id", 151643),
-                pad_token_id=raw.get("pad_token_id", 151643), bos_token_id=raw.get("bos_token_id", 151665),
+                rope_theta=_rope_theta(raw, 10000.0), rms_eps=raw.get("rms_norm_eps", 1e-6),
+                qkv_bias=True,  # Qwen2 attention: q/k/v projections always carry a bias, o_proj never
+                tie_embeddings=bool(raw.get("tie_word_embeddings", False)), attention="bidirectional", shift_logits=True,
+                mask_token_id=raw.get("mask_token_id", 151666), end_token_id=ends[0], pad_token_id=pad,
+                bos_token_id=_first(raw.get("bos_token_id"), 151665),
+                extra={"end_token_ids": ends, "source_model_type": raw.get("model_type")},
             )
         if kind == "llada":
+            for key, wanted in LLADA_REQUIRED.items():
+                if key in raw and raw[key] is not None and raw[key] != wanted:
+                    raise ValueError(f"{key}={raw[key]!r} is not supported (difill implements {key}={wanted!r})")
             heads = raw["n_heads"]
+            kv_heads = raw.get("n_kv_heads") or (1 if raw.get("multi_query_attention") else heads)
+            ends = _ids(raw.get("eos_token_id")) or [126081]
             return ModelConfig(
                 vocab_size=raw.get("embedding_size") or raw["vocab_size"], hidden_size=raw["d_model"], n_layers=raw["n_layers"],
-                n_heads=heads, n_kv_heads=raw.get("n_kv_heads") or heads, intermediate_size=raw["mlp_hidden_size"],
-                max_position=raw.get("max_sequence_length", 4096), rope_theta=raw.get("rope_theta", 500000.0),
+                n_heads=heads, n_kv_heads=kv_heads, intermediate_size=raw["mlp_hidden_size"],
+                max_position=raw.get("max_sequence_length", 4096), rope_theta=_rope_theta(raw, 10000.0),
                 rms_eps=raw.get("rms_norm_eps", 1e-5), qkv_bias=bool(raw.get("include_qkv_bias", False)),
                 tie_embeddings=bool(raw.get("weight_tying", False)), attention="bidirectional", shift_logits=False,
-                mask_token_id=raw.get("mask_token_id", 126336), end_token_id=raw.get("eos_token_id", 126081),
-                pad_token_id=raw.get("pad_token_id", 126081), bos_token_id=raw.get("bos_token_id", 126080),
+                mask_token_id=raw.get("mask_token_id", 126336), end_token_id=ends[0],
+                pad_token_id=_first(raw.get("pad_token_id"), ends[0]), bos_token_id=_first(raw.get("bos_token_id"), 126080),
+                extra={"end_token_ids": ends, "source_model_type": raw.get("model_type")},
             )
     except KeyError as exc:
         raise ModelLoadError(f"{path}: config.json lacks {exc} for model_type {kind!r}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: {exc} (model_type {kind!r})") from exc
     raise ModelLoadError(f"{path}: unsupported model_type {raw.get('model_type')!r} (difill, dream, qwen2, llada)")
 
 
+def check_config(config: ModelConfig, path: Path) -> ModelConfig:
+    """Shapes that divide and token ids inside the vocabulary, or a message naming the field."""
+    if config.hidden_size <= 0 or config.n_heads <= 0 or config.hidden_size % config.n_heads:
+        raise ModelLoadError(f"{path}: hidden size {config.hidden_size} is not a multiple of the {config.n_heads} heads")
+    if config.n_kv_heads <= 0 or config.n_heads % config.n_kv_heads:
+        raise ModelLoadError(f"{path}: {config.n_heads} heads are not a multiple of the {config.n_kv_heads} key/value heads")
+    if config.attention not in ("block", "bidirectional"):
+        raise ModelLoadError(f"{path}: attention {config.attention!r} is neither 'block' nor 'bidirectional'")
+    for name in ("mask_token_id", "end_token_id"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or not 0 <= value < config.vocab_size:
+            raise ModelLoadError(f"{path}: {name} {value!r} is outside the vocabulary of {config.vocab_size} tokens")
+    return config
+
+
+PICKLED_SUFFIXES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
 def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files: the shards an index names, else every ``*.safetensors``."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ModelLoadError(f"{index}: not a safetensors index ({exc})") from exc
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from exc
         files = [directory / s for s in shards]
         for f in files:
             if not f.is_file():
@@ -105,8 +191,8 @@ def weight_files(directory: Path) -> list[Path]:
         return files
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        pickled = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
-        hint = f" (found {', '.join(pickled)}: pickled weights are not loaded; convert them to safetensors)" if pickled else ""
+        pickled = sorted(p.name for pattern in PICKLED_SUFFIXES for p in directory.glob(pattern))
+        hint = f" (found {', '.join(pickled)}: pickled weights are never loaded, they can run code; convert them to safetensors)" if pickled else ""
         raise ModelLoadError(f"{directory}: no *.safetensors weights{hint}")
     return files
 
@@ -123,10 +209,14 @@ def rename(name: str, kind: str) -> str:
 
 
 def load_model(directory: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
-    """Build the transformer and fill every parameter from the safetensors files."""
+    """Build the transformer and fill every parameter from the safetensors files.
+
+    The model is built on the meta device and the loaded tensors are assigned to it (no second
+    copy of the weights in memory).
+    """
     directory = Path(directory)
     raw = read_config(directory)
-    config = config_from_hf(raw, directory / "config.json")
+    config = check_config(config_from_hf(raw, directory / "config.json"), directory / "config.json")
     kind = str(raw.get("model_type", "")).lower()
     with torch.device("meta"):
         model = Transformer(config)
@@ -137,7 +227,7 @@ def load_model(directory: str | Path, device: str = "cpu", dtype: torch.dtype = 
     for file in weight_files(directory):
         try:
             tensors = load_file(str(file))
-        except (SafetensorError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"{file}: cannot read safetensors ({exc}); the file is truncated or corrupt") from exc
         for name, tensor in tensors.items():
             target = rename(name, kind)
@@ -149,14 +239,19 @@ def load_model(directory: str | Path, device: str = "cpu", dtype: torch.dtype = 
             if tuple(tensor.shape) != tuple(expected[target].shape):
                 raise ModelLoadError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, "
                                      f"config.json implies {tuple(expected[target].shape)}")
-            state[target] = tensor
+            if not tensor.is_floating_point():
+                raise ModelLoadError(f"{file}: tensor {name} has dtype {tensor.dtype}, expected floating point weights")
+            state[target] = tensor.to(device=device, dtype=dtype)
+        del tensors
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ModelLoadError(f"{directory}: tensors missing from the safetensors files: {', '.join(missing[:5])}"
                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    model = model.to_empty(device=device)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.to(dtype).eval()
-    return model
+    for name, p in model.named_parameters():
+        if p.is_meta:  # cannot happen after the missing check; a clear error if it ever does
+            raise ModelLoadError(f"{directory}: parameter {name} was not loaded")
+        p.requires_grad_(False)
+    return model.eval()

@@ -77,7 +77,12 @@ class ModelConfig:
 
 
 class KVCache:
-    """Keys and values of earlier positions, one (k, v) pair of [B, kv_heads, T, head_dim] per layer."""
+    """Keys and values of earlier positions, one (k, v) pair of [B, kv_heads, T, head_dim] per layer.
+
+    Appending concatenates (a new tensor per append): a context cache grows by a few tokens per
+    keystroke, so the copy is cheap and the cache never holds spare capacity that the memory
+    bound (``EngineSettings.cache_bytes``) would have to count.
+    """
 
     def __init__(self, n_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * n_layers
@@ -101,7 +106,44 @@ class KVCache:
                 self.keys[i], self.values[i] = k[:, :, :length], v[:, :, :length]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+        """Bytes held, counting the whole storage behind a truncated view (what memory really holds)."""
+        total = 0
+        for t in self.keys + self.values:
+            if t is not None:
+                total += max(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+        return total
+
+    def compact(self) -> None:
+        """Copy truncated views into tensors of their own so the dropped tail is freed."""
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None and k.untyped_storage().nbytes() > k.numel() * k.element_size():
+                self.keys[i], self.values[i] = k.clone(), v.clone()
+
+    @classmethod
+    def stack(cls, caches: "list[KVCache]") -> "tuple[KVCache, torch.Tensor]":
+        """Batch rows of different lengths: left-pad each (batch-1) cache with zeros to the
+        longest and stack them. Returns the batched cache and ``valid`` [B, T_max] (False at
+        padding), which the attention must use as a key mask."""
+        lengths = [c.length for c in caches]
+        longest = max(lengths)
+        n_layers = len(caches[0].keys)
+        out = cls(n_layers)
+        ref = next((c.keys[0] for c in caches if c.keys[0] is not None), None)
+        device = ref.device if ref is not None else None
+        valid = torch.zeros(len(caches), longest, dtype=torch.bool, device=device)
+        for r, n in enumerate(lengths):
+            valid[r, longest - n:] = True
+        if ref is None:
+            return out, valid
+        for layer in range(n_layers):
+            for store, source in ((out.keys, [c.keys[layer] for c in caches]), (out.values, [c.values[layer] for c in caches])):
+                first = next(t for t in source if t is not None)
+                batch = first.new_zeros(len(caches), first.shape[1], longest, first.shape[3])
+                for r, t in enumerate(source):
+                    if t is not None and t.shape[2]:
+                        batch[r:r + 1, :, longest - t.shape[2]:] = t
+                store[layer] = batch
+        return out, valid
 
 
 class RMSNorm(nn.Module):
@@ -118,17 +160,50 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [T, head_dim] for the rotate-half convention of LLaMA and Qwen2."""
+    """cos/sin for the rotate-half convention of LLaMA, Qwen2 and LLaDA.
+
+    ``positions`` [T] gives tables [T, head_dim] shared by every row; [B, T] (one position per
+    row and token, for batches of requests whose contexts differ in length) gives [B, 1, T, head_dim].
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[..., None] * inv_freq
     emb = torch.cat([angles, angles], dim=-1)
+    if positions.dim() == 2:
+        emb = emb[:, None]
     return emb.cos(), emb.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    if x.dtype == torch.float32:
+        return x * cos + rotated * sin
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def attention_mask(queries: int, past: int, causal: bool, key_valid: torch.Tensor | None = None,
+                   device=None) -> torch.Tensor | None:
+    """The bool mask (True = may attend) for a window of ``queries`` tokens after ``past`` cached ones.
+
+    ``causal``: window token i sees the cache and window tokens <= i; otherwise the whole window.
+    ``key_valid`` [B, past + queries] hides keys (left padding of batched contexts, right padding
+    of batched canvases). Every query always sees itself so that no softmax row is empty (NaN).
+    Returns None when nothing is hidden (the fastest attention path).
+    """
+    total = past + queries
+    if not causal and key_valid is None:
+        return None
+    if causal:
+        q_pos = torch.arange(queries, device=device)[:, None] + past
+        mask = torch.arange(total, device=device)[None, :] <= q_pos  # [T, past + T]
+    else:
+        mask = torch.ones(queries, total, dtype=torch.bool, device=device)
+    if key_valid is not None:
+        itself = torch.zeros(queries, total, dtype=torch.bool, device=device)
+        itself[:, past:] = torch.eye(queries, dtype=torch.bool, device=device)
+        mask = (mask[None] & key_valid[:, None, :]) | itself[None]
+        return mask[:, None]  # [B, 1, T, past + T]
+    return mask
 
 
 class Attention(nn.Module):
@@ -140,16 +215,28 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        # Set by difill.kernels.hooks on CUDA: an unmasked canvas step calls the fused kernel.
+        self.use_kernels = False
 
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, mask: torch.Tensor | None, store: bool):
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, mask: torch.Tensor | None, store: bool,
+                is_causal: bool = False):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        keys, values = k, v
+        cached_k = cached_v = None
         if cache is not None and cache.keys[layer] is not None:
             cached_k, cached_v = cache.keys[layer], cache.values[layer]
+        if self.use_kernels and mask is None and not is_causal:
+            from difill.kernels import canvas_attention
+
+            out = canvas_attention(q, cached_k, cached_v, k, v)
+            if store and cache is not None:
+                cache.append(layer, k, v)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        keys, values = k, v
+        if cached_k is not None:
             if cached_k.shape[0] != b:  # one shared context denoising several candidates
                 cached_k, cached_v = cached_k.expand(b, -1, -1, -1), cached_v.expand(b, -1, -1, -1)
             keys, values = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
@@ -158,7 +245,7 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal and mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -181,8 +268,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache, layer, mask, store):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask, store)
+    def forward(self, x, cos, sin, cache, layer, mask, store, is_causal=False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask, store, is_causal)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -211,21 +298,26 @@ class Transformer(nn.Module):
         causal: bool = False,
         store: bool = False,
         mask: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states of the window ``ids`` [B, T] at ``positions`` [T].
+        """Final-norm hidden states of the window ``ids`` [B, T] at ``positions`` [T] or [B, T].
 
         ``mask`` (bool, True = may attend, broadcastable to [B, H, T, cache + T]) overrides the
         causal/bidirectional choice; training uses it for the block-diffusion pattern.
+        ``key_valid`` [B, cache + T] hides padding keys (batched requests).
         ``store`` appends the window's keys and values to ``cache``.
         """
         past = cache.length if cache is not None else 0
-        if mask is None and causal and ids.shape[1] > 1:
-            t = ids.shape[1]
-            mask = torch.ones(t, past + t, dtype=torch.bool, device=ids.device).tril(diagonal=past)
+        is_causal = False
+        if mask is None:
+            if causal and past == 0 and key_valid is None and ids.shape[1] > 1:
+                is_causal = True  # SDPA's own causal path: no mask tensor, the fastest kernel
+            elif causal and ids.shape[1] > 1 or key_valid is not None:
+                mask = attention_mask(ids.shape[1], past, causal, key_valid, ids.device)
         cos, sin = rotary_tables(self.config.head_dim, positions, self.config.rope_theta)
         x = self.embed_tokens(ids)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, cache, i, mask, store)
+            x = block(x, cos, sin, cache, i, mask, store, is_causal)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,30 @@
 """The masked-diffusion sampler: fill a canvas of mask tokens in a few parallel steps.
 
-Each step runs the denoiser over the canvas (the context's keys and values come from a cache),
-scores every masked position (confidence = max probability, margin = top-1 minus top-2, or
-negative entropy), and commits either a fixed share of the masked positions (``steps`` given)
-or every position whose score passes ``threshold`` (Fast-dLLM's parallel decoding, at least one
-per step). Optionally, committed tokens whose probability has fallen below ``remask_below`` are
-masked again. A critic (the tree-sitter syntax check) can veto newly committed tokens between
-steps: they are re-masked and that token is forbidden at that position.
+Each step runs the denoiser over the canvas (the context's keys and values come from a cache)
+and reads the output head only at the positions that can still change: masked positions
+before the first committed end token (plus the committed ones when re-masking is on). Each such
+position gets a token (argmax, or a sample for the extra candidates) and a score: confidence
+(the token's probability), margin (top-1 minus top-2 probability) or negative entropy.
 
-A canvas row is finished when an end token (end-of-infill, or a newline in line mode) is
-committed and every position before it is committed too.
+Then, per row, either a fixed share of the masked positions is committed (``steps`` given:
+``ceil(masked / steps_left)`` best-scored positions) or every position whose confidence passes
+``threshold`` (Fast-dLLM's parallel decoding; the best-scored one when none passes, so every
+step commits at least one token). Options:
+
+* ``remask_below``: a committed token whose probability has since fallen below this is masked
+  again (at most two per row and step, ``max_remasks_per_position`` times per position), and
+  predicted afresh on the next step.
+* an end token (``fill_id``: end-of-infill) committed at position e fills every masked position
+  after e with the end token at once: the model was trained with end tokens up to the end of
+  the canvas, so the tail costs no further steps.
+* a critic (the tree-sitter syntax check) can veto newly committed tokens between steps: they
+  are masked again and that token is forbidden at that position.
+
+A row is finished when an end token (end-of-infill, or a newline in line mode) is committed and
+every position before it is committed too, or when every position is committed.
+
+Rows may have different canvas lengths (batched requests): ``run`` takes one length per row and
+never reads or commits positions past a row's length.
 """
 
 from __future__ import annotations
@@ -25,18 +40,37 @@ class Cancelled(Exception):
     """The caller cancelled the request between two denoising steps."""
 
 
+POLICIES = ("confidence", "margin", "entropy")
+
+
 @dataclass
 class SamplerSettings:
     policy: str = "confidence"  # "confidence" | "margin" | "entropy"
     steps: int | None = None  # None: threshold decoding; else commit n_masked / steps_left per step
-    threshold: float = 0.9
+    threshold: float = 0.9  # confidence a token needs to be committed in parallel (threshold decoding)
     remask_below: float | None = None
     temperature: float = 0.0  # 0: greedy (deterministic); > 0 samples, for extra candidates
     max_reviews_per_position: int = 3
+    max_remasks_per_position: int = 2
+    # End tokens grow leftwards from a committed end token in the same step while the model's
+    # choice there is an end token this likely (None: off). Canvases end in a run of end tokens
+    # (training pads the middle with them), which a model is surest about at the run's left
+    # edge: without this, a short infill in a long canvas costs one step per end token.
+    end_run_threshold: float | None = 0.5
 
     def __post_init__(self) -> None:
-        if self.policy not in {"confidence", "margin", "entropy"}:
+        if self.policy not in POLICIES:
             raise ValueError(f"unknown unmasking policy {self.policy!r} (confidence, margin, entropy)")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], not {self.threshold}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be at least 1, not {self.steps}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        if self.remask_below is not None and not 0.0 < self.remask_below < 1.0:
+            raise ValueError(f"remask_below must be in (0, 1), not {self.remask_below}")
+        if self.end_run_threshold is not None and not 0.0 < self.end_run_threshold <= 1.0:
+            raise ValueError(f"end_run_threshold must be in (0, 1], not {self.end_run_threshold}")
 
 
 @dataclass
@@ -59,6 +93,15 @@ class BlockResult:
     ended: list[bool]  # per row: an end token closed the infill inside this block
     steps: int
     remasked_by_critic: int = 0
+    remasked_low_confidence: int = 0
+    row_steps: list[int] = field(default_factory=list)  # per row: the step at which it finished
+
+
+# (canvas [B, M], select [B, M] bool) -> logits [N, V] at the selected positions, row-major.
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (canvas [B, M], forbidden [B, M, V'] bool, reviews [B, M]) -> (token, prob, score), each [B, M].
+# The GPU kernels' entry point (difill.kernels.hooks): no logits ever reach the host.
+ConfidenceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def score(probs: torch.Tensor, policy: str) -> torch.Tensor:
@@ -83,103 +126,221 @@ def first_end(row: torch.Tensor, is_end: torch.Tensor, mask_id: int) -> int | No
 
 @dataclass
 class Denoise:
-    """One block of denoising for B rows that share a context cache.
+    """One block of denoising for B rows (candidates of one request, or several requests).
 
-    ``logits_fn(canvas) -> [B, M, V]`` hides the backend and the cache; ``is_end`` marks the
-    token ids that end the infill (a bool vector over the vocabulary).
+    ``logits_fn`` hides the backend and the cache. ``is_end`` marks the token ids that end the
+    infill: a bool vector [V] shared by the rows, or [B, V] (requests in different modes).
+    ``banned`` [V] are never produced (mask, pad, layout tokens). ``generator`` draws the
+    samples of every sampled row; ``generators`` (one per row) overrides it for batches of
+    requests, so each request samples as it would alone.
     """
 
-    logits_fn: Callable[[torch.Tensor], torch.Tensor]
+    logits_fn: LogitsFn | None
     mask_id: int
     is_end: torch.Tensor
-    banned: torch.Tensor  # bool [V]: never produced (mask, pad, layout tokens)
+    banned: torch.Tensor
     settings: SamplerSettings = field(default_factory=SamplerSettings)
     piece: Callable[[int], str] | None = None
     critics: Sequence[Critic | None] = ()
     cancel: Callable[[], bool] | None = None
     on_step: Callable[[StepView], None] | None = None
     generator: torch.Generator | None = None
+    generators: Sequence[torch.Generator | None] | None = None
+    fill_id: int | None = None  # end-of-infill: committing it fills the rest of the row
+    confidence_fn: ConfidenceFn | None = None  # used instead of logits_fn for greedy rows without re-masking
 
-    def run(self, rows: int, canvas_len: int, block: int = 0, greedy_rows: int = 1) -> BlockResult:
+    def __post_init__(self) -> None:
+        self._banned_ids = self.banned.nonzero()[:, 0]
+
+    def run(self, rows: int, canvas_len: int | Sequence[int], block: int = 0, greedy_rows: int = 1,
+            sampled: Sequence[bool] | None = None) -> BlockResult:
+        """Denoise ``rows`` canvases of ``canvas_len`` tokens (one length, or one per row).
+
+        Rows from ``greedy_rows`` on sample at ``settings.temperature`` (``sampled`` gives the
+        flag per row instead). Raises :class:`Cancelled` when ``cancel()`` turns true.
+        """
         s = self.settings
-        canvas = torch.full((rows, canvas_len), self.mask_id, dtype=torch.long)
-        forbidden = torch.zeros(rows, canvas_len, self.banned.shape[0], dtype=torch.bool)
-        reviews = torch.zeros(rows, canvas_len, dtype=torch.long)
+        lens = [int(canvas_len)] * rows if isinstance(canvas_len, int) else [int(n) for n in canvas_len]
+        if len(lens) != rows or min(lens) < 1:
+            raise ValueError(f"need one canvas length >= 1 per row, got {lens} for {rows} rows")
+        width = max(lens)
+        if sampled is None:
+            sampled = [r >= greedy_rows for r in range(rows)]
+        sampled = [bool(f) and s.temperature > 0 for f in sampled]
+        is_end = self.is_end if self.is_end.dim() == 2 else self.is_end[None].expand(rows, -1)
+        canvas = torch.full((rows, width), self.mask_id, dtype=torch.long)
+        valid = torch.arange(width)[None, :] < torch.tensor(lens)[:, None]
+        columns = torch.arange(width)
+        reviews = torch.zeros(rows, width, dtype=torch.long)
+        remasks = torch.zeros(rows, width, dtype=torch.long)
+        self._forbidden: torch.Tensor | None = None
+        use_confidence = self.confidence_fn is not None and not any(sampled) and s.remask_below is None
+        if not use_confidence and self.logits_fn is None:
+            raise ValueError("Denoise needs a logits_fn for sampled rows or re-masking")
         done = [False] * rows
-        remasked = 0
-        max_steps = s.steps or canvas_len
+        row_steps = [0] * rows
+        critic_remasked = confidence_remasked = 0
+        max_steps = s.steps or width
         step = 0
         while not all(done):
             if self.cancel is not None and self.cancel():
                 raise Cancelled()
-            logits = self.logits_fn(canvas).float()
-            logits[:, :, self.banned] = float("-inf")
-            logits.masked_fill_(forbidden, float("-inf"))
-            probs = torch.softmax(logits if s.temperature <= 0 else logits / s.temperature, dim=-1)
-            if s.temperature > 0 and rows > greedy_rows:
-                sampled = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=self.generator).view(rows, canvas_len)
-                tokens = probs.argmax(dim=-1)
-                tokens[greedy_rows:] = sampled[greedy_rows:]
+            masked = (canvas == self.mask_id) & valid
+            live = torch.tensor([not d for d in done])[:, None]
+            # Positions after a committed end token can no longer change the infill.
+            ends_at = torch.gather(is_end, 1, canvas) & ~masked & valid
+            first = torch.where(ends_at.any(dim=1), ends_at.float().argmax(dim=1), torch.full((rows,), width))
+            before_end = columns[None, :] < first[:, None]
+            to_commit = masked & before_end & live
+            select = to_commit | (valid & ~masked & before_end & live) if s.remask_below is not None else to_commit
+            if use_confidence:
+                token_all, prob_all, score_all = self.confidence_fn(canvas, self._vetoes(rows, width), reviews)
+                tokens, token_prob, scores = token_all[select], prob_all[select].float(), score_all[select].float()
+                current = None
             else:
-                tokens = probs.argmax(dim=-1)
-            token_prob = probs.gather(-1, tokens[..., None])[..., 0]
-            scores = score(probs, s.policy) if s.policy != "confidence" else token_prob
+                tokens, token_prob, scores, current = self._predict(canvas, select, reviews, sampled)
+            selected = select.nonzero()  # [N, 2], row-major like the predictions
+            counts = select.sum(dim=1).tolist()
             newly: list[list[int]] = [[] for _ in range(rows)]
+            offset = 0
             for r in range(rows):
-                if done[r]:
+                n = counts[r]
+                if done[r] or n == 0:
+                    offset += n
                     continue
-                masked = (canvas[r] == self.mask_id).nonzero()[:, 0]
-                if s.remask_below is not None and step + 1 < max_steps:
-                    committed = (canvas[r] != self.mask_id).nonzero()[:, 0]
-                    current = probs[r, committed].gather(-1, canvas[r, committed][:, None])[:, 0]
-                    weak = committed[current < s.remask_below][:2]
-                    canvas[r, weak] = self.mask_id
-                    masked = (canvas[r] == self.mask_id).nonzero()[:, 0]
-                if len(masked) == 0:
-                    done[r] = True
+                sl = slice(offset, offset + n)
+                offset += n
+                pos = selected[sl, 1]
+                is_masked = masked[r, pos]
+                if s.remask_below is not None and current is not None and step + 1 < max_steps:
+                    committed = ~is_masked
+                    weak = committed & (current[sl] < s.remask_below) & (remasks[r, pos] < s.max_remasks_per_position)
+                    if bool(weak.any()):
+                        order = current[sl].masked_fill(~weak, float("inf")).argsort()[: min(2, int(weak.sum()))]
+                        again = pos[order]
+                        canvas[r, again] = self.mask_id
+                        remasks[r, again] += 1
+                        confidence_remasked += len(again)
+                candidates = is_masked.nonzero()[:, 0]
+                if len(candidates) == 0:
                     continue
-                row_scores = scores[r, masked]
+                cand_pos = pos[candidates]
+                cand_scores = scores[sl][candidates]
                 if s.steps is not None:
-                    k = max(1, math.ceil(len(masked) / max(1, s.steps - step)))
-                    chosen = masked[row_scores.topk(min(k, len(masked))).indices]
+                    k = max(1, math.ceil(len(candidates) / max(1, s.steps - step)))
+                    pick = cand_scores.topk(min(k, len(candidates))).indices
                 else:
-                    chosen = masked[token_prob[r, masked] >= s.threshold]
-                    if len(chosen) == 0:
-                        chosen = masked[row_scores.argmax()][None]
-                canvas[r, chosen] = tokens[r, chosen]
+                    pick = (token_prob[sl][candidates] >= s.threshold).nonzero()[:, 0]
+                    if len(pick) == 0:
+                        pick = cand_scores.argmax()[None]
+                chosen = cand_pos[pick]
+                canvas[r, chosen] = tokens[sl][candidates][pick]
+                if s.end_run_threshold is not None:
+                    chosen = self._grow_end_run(canvas[r], is_end[r], cand_pos, tokens[sl][candidates],
+                                                token_prob[sl][candidates], chosen)
                 newly[r] = chosen.tolist()
-            remasked += self._review(canvas, newly, forbidden, reviews)
+            if self.fill_id is not None:
+                self._fill_after_end(canvas, valid, columns)
+            critic_remasked += self._review(canvas, newly, reviews, is_end)
             step += 1
             for r in range(rows):
                 if not done[r]:
-                    done[r] = first_end(canvas[r], self.is_end, self.mask_id) is not None or bool((canvas[r] != self.mask_id).all())
+                    row = canvas[r, : lens[r]]
+                    done[r] = first_end(row, is_end[r], self.mask_id) is not None or bool((row != self.mask_id).all())
+                    row_steps[r] = step
             if self.on_step is not None:
-                self.on_step(StepView(block, step, canvas.tolist(), int((canvas != self.mask_id).sum())))
-            if step >= 4 * canvas_len:  # the critic keeps vetoing: stop, trimming decides
+                self.on_step(StepView(block, step, [canvas[r, : lens[r]].tolist() for r in range(rows)],
+                                      int(((canvas != self.mask_id) & valid).sum())))
+            if step >= 4 * width:  # the critic keeps vetoing: stop, trimming decides
                 break
         tokens_out, ended = [], []
         for r in range(rows):
-            e = first_end(canvas[r], self.is_end, self.mask_id)
-            row = canvas[r].tolist()
+            row = canvas[r, : lens[r]]
+            e = first_end(row, is_end[r], self.mask_id)
+            values = row.tolist()
             if e is None:
-                stop = row.index(self.mask_id) if self.mask_id in row else len(row)
-                tokens_out.append(row[:stop])
-                ended.append(stop < len(row))
+                stop = values.index(self.mask_id) if self.mask_id in values else len(values)
+                tokens_out.append(values[:stop])
+                ended.append(stop < len(values))
             else:
-                tokens_out.append(row[: e + 1])  # the end token decodes to "" or to text ending in a newline
+                tokens_out.append(values[: e + 1])  # the end token decodes to "" or to text ending in a newline
                 ended.append(True)
-        return BlockResult(tokens_out, ended, step, remasked)
+        return BlockResult(tokens_out, ended, step, critic_remasked, confidence_remasked, row_steps)
 
-    def _review(self, canvas: torch.Tensor, newly: list[list[int]], forbidden: torch.Tensor, reviews: torch.Tensor) -> int:
+    # ------------------------------------------------------------------ internals
+    def _predict(self, canvas: torch.Tensor, select: torch.Tensor, reviews: torch.Tensor, sampled: Sequence[bool]):
+        """Token, its probability, the policy score and (re-masking) the probability of the
+        token already there, at each selected position."""
+        s = self.settings
+        logits = self.logits_fn(canvas, select).float()
+        if len(self._banned_ids):
+            logits.index_fill_(1, self._banned_ids.to(logits.device), float("-inf"))
+        if self._forbidden is not None and bool((reviews[select] > 0).any()):
+            vetoed = self._forbidden[select]  # [N, V]
+            logits.masked_fill_(vetoed.to(logits.device), float("-inf"))
+        logits = logits.cpu()
+        probs = torch.softmax(logits, dim=-1)
+        token_prob, tokens = probs.max(dim=-1)
+        if any(sampled):
+            rows_of = select.nonzero()[:, 0]
+            gens = self.generators
+            for r in range(len(sampled)):
+                if not sampled[r]:
+                    continue
+                idx = (rows_of == r).nonzero()[:, 0]
+                if len(idx) == 0:
+                    continue
+                gen = gens[r] if gens is not None else self.generator
+                tempered = torch.softmax(logits[idx] / s.temperature, dim=-1)
+                draw = torch.multinomial(tempered, 1, generator=gen)[:, 0]
+                tokens[idx] = draw
+                token_prob[idx] = probs[idx].gather(-1, draw[:, None])[:, 0]
+        scores = token_prob if s.policy == "confidence" else score(probs, s.policy)
+        current = None
+        if s.remask_below is not None:
+            current = probs.gather(-1, canvas[select].clamp(0, probs.shape[-1] - 1)[:, None])[:, 0]
+        return tokens, token_prob, scores, current
+
+    def _grow_end_run(self, row: torch.Tensor, is_end: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor,
+                      probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Commit end tokens right-to-left from each committed end token while the prediction
+        one to the left is an end token with probability >= ``end_run_threshold``."""
+        ok = is_end[tokens] & (probs >= self.settings.end_run_threshold)
+        if not bool(ok.any()):
+            return chosen
+        predicted = {int(p): int(t) for p, t, good in zip(positions.tolist(), tokens.tolist(), ok.tolist()) if good}
+        extra = []
+        for p in sorted(predicted, reverse=True):
+            right = p + 1
+            if right < row.shape[0] and row[p] == self.mask_id and bool(is_end[row[right]]) and row[right] != self.mask_id:
+                row[p] = predicted[p]
+                extra.append(p)
+        return torch.cat([chosen, torch.tensor(extra, dtype=torch.long)]) if extra else chosen
+
+    def _fill_after_end(self, canvas: torch.Tensor, valid: torch.Tensor, columns: torch.Tensor) -> None:
+        """Every masked position after a committed end-of-infill token becomes end-of-infill."""
+        is_fill = canvas == self.fill_id
+        if not bool(is_fill.any()):
+            return
+        first = torch.where(is_fill.any(dim=1), is_fill.float().argmax(dim=1), torch.full((canvas.shape[0],), canvas.shape[1]))
+        tail = (columns[None, :] > first[:, None]) & (canvas == self.mask_id) & valid
+        canvas[tail] = self.fill_id
+
+    def _vetoes(self, rows: int, width: int) -> torch.Tensor:
+        if self._forbidden is None:
+            return torch.zeros(rows, width, self.banned.shape[0], dtype=torch.bool)
+        return self._forbidden
+
+    def _review(self, canvas: torch.Tensor, newly: list[list[int]], reviews: torch.Tensor, is_end: torch.Tensor) -> int:
         """Ask each row's critic about the tokens committed this step; re-mask what it rejects."""
         if not self.critics or self.piece is None:
             return 0
         count = 0
         for r, critic in enumerate(self.critics):
-            if critic is None or not newly[r]:
+            if r >= canvas.shape[0] or critic is None or not newly[r]:
                 continue
             row = canvas[r].tolist()
-            e = first_end(canvas[r], self.is_end, self.mask_id)
+            e = first_end(canvas[r], is_end[r], self.mask_id)
             upto = e if e is not None else len(row)
             pieces = [None if t == self.mask_id else self.piece(t) for t in row[:upto]]
             candidates = [p for p in newly[r] if p < upto and int(reviews[r, p]) < self.settings.max_reviews_per_position]
@@ -187,7 +348,9 @@ class Denoise:
                 continue
             for p in critic.review(pieces, candidates, e is not None):
                 if p in candidates:
-                    forbidden[r, p, row[p]] = True
+                    if self._forbidden is None:
+                        self._forbidden = torch.zeros(canvas.shape[0], canvas.shape[1], self.banned.shape[0], dtype=torch.bool)
+                    self._forbidden[r, p, row[p]] = True
                     reviews[r, p] += 1
                     canvas[r, p] = self.mask_id
                     count += 1

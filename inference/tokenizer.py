@@ -41,6 +41,11 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and the (start, end) character span of each token in ``text``."""
+        encoding = self.hf.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
@@ -52,6 +57,11 @@ class Tokenizer:
 
     def piece(self, token_id: int) -> str:
         """The text of one token (a partial UTF-8 character decodes to U+FFFD)."""
+        return self.pieces()[token_id] if 0 <= token_id < self.vocab_size else ""
+
+    def pieces(self) -> list[str]:
+        """The text of every token, decoded once (the sampler's critics and the end-of-line test
+        read them per step)."""
         if self._pieces is None:
-            self._pieces = [self.hf.decode([i], skip_special_tokens=True) for i in range(self.vocab_size)]
-        return self._pieces[token_id] if 0 <= token_id < len(self._pieces) else ""
+            self._pieces = self.hf.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=True)
+        return self._pieces

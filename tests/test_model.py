@@ -1,0 +1,227 @@
+"""difill's transformer against the reference implementations in ``transformers``.
+
+The open diffusion LLMs are Qwen2 (Dream, Dream-Coder, DiffuCoder) and LLaMA (LLaDA) with the
+causal mask removed, so the reference is the ``transformers`` module of that family run with an
+all-true 4D attention mask (bidirectional). Checkpoints are written by ``transformers`` itself
+(Qwen2) or renamed from a LLaMA state dict to LLaDA's names, then read by difill's loader.
+
+The block layout's claim is that caching is exact: a context run in pieces (keystrokes) and a
+canvas evaluated over the cache give what one masked forward pass over everything gives.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from difill.inference.loader import load_model
+from difill.inference.model import KVCache, ModelConfig, Transformer, attention_mask, block_diffusion_mask, init_weights
+
+transformers = pytest.importorskip("transformers")
+
+torch.manual_seed(0)
+ATOL = 2e-5  # float32 rounding over two layers of a 32-wide model
+
+
+def bidirectional(n: int, batch: int = 1) -> torch.Tensor:
+    return torch.ones(batch, 1, n, n, dtype=torch.bool)
+
+
+def qwen2_reference(tmp_path: Path, tie: bool = False, kv_heads: int = 2):
+    config = transformers.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                                      rope_theta=10000.0, tie_word_embeddings=tie, rms_norm_eps=1e-6)
+    torch.manual_seed(1)
+    ref = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # transformers zero-initialises biases: make them count
+        for layer in ref.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.update(model_type="Dream", mask_token_id=95, eos_token_id=94, pad_token_id=94, bos_token_id=93)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    return ref
+
+
+def test_qwen2_dream_forward_matches_transformers_bidirectional(tmp_path):
+    ref = qwen2_reference(tmp_path)
+    model = load_model(tmp_path)
+    assert model.config.attention == "bidirectional" and model.config.shift_logits and model.config.qkv_bias
+    ids = torch.randint(0, 96, (2, 17))
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=bidirectional(17, 2)).logits
+        got = model(ids)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    # and it is not the causal model: the first position sees the last token
+    with torch.no_grad():
+        causal = ref(input_ids=ids).logits
+    assert (got[:, 0] - causal[:, 0]).abs().max() > 1e-3
+
+
+def test_qwen2_tied_embeddings_and_rope_positions(tmp_path):
+    ref = qwen2_reference(tmp_path, tie=True, kv_heads=4)
+    model = load_model(tmp_path)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    ids = torch.randint(0, 96, (1, 12))
+    positions = torch.arange(30, 42)  # a window further into the document
+    with torch.no_grad():
+        expected = ref(input_ids=ids, position_ids=positions[None], attention_mask=bidirectional(12)).logits
+        got = model(ids, positions)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
+LLAMA_TO_LLADA = {
+    "model.embed_tokens.weight": "model.transformer.wte.weight",
+    "model.norm.weight": "model.transformer.ln_f.weight",
+    "lm_head.weight": "model.transformer.ff_out.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ff_norm.weight",
+    "self_attn.q_proj.weight": "q_proj.weight",
+    "self_attn.k_proj.weight": "k_proj.weight",
+    "self_attn.v_proj.weight": "v_proj.weight",
+    "self_attn.o_proj.weight": "attn_out.weight",
+    "mlp.gate_proj.weight": "ff_proj.weight",
+    "mlp.up_proj.weight": "up_proj.weight",
+    "mlp.down_proj.weight": "ff_out.weight",
+}
+
+
+def llada_name(name: str) -> str:
+    if name in LLAMA_TO_LLADA:
+        return LLAMA_TO_LLADA[name]
+    _, _, index, rest = name.split(".", 3)  # model.layers.N.<rest>
+    return f"model.transformer.blocks.{index}.{LLAMA_TO_LLADA[rest]}"
+
+
+def write_llada(tmp_path: Path, ref) -> None:
+    """LLaDA's modeling_llada.py names and configuration_llada.py keys (LLaDA-8B's values)."""
+    c = ref.config
+    save_file({llada_name(k): v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": c.hidden_size, "n_heads": c.num_attention_heads,
+        "n_kv_heads": c.num_key_value_heads, "n_layers": c.num_hidden_layers, "mlp_hidden_size": c.intermediate_size,
+        "vocab_size": c.vocab_size, "embedding_size": c.vocab_size, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+        "max_sequence_length": 4096, "weight_tying": False, "block_type": "llama", "activation_type": "silu",
+        "layer_norm_type": "rms", "include_bias": False, "include_qkv_bias": False, "alibi": False, "rope": True,
+        "input_emb_norm": False, "scale_logits": False, "attention_layer_norm": False, "block_group_size": 1,
+        "mask_token_id": 95, "eos_token_id": 94, "pad_token_id": 94, "bos_token_id": 93,
+    }))
+
+
+def test_llada_forward_matches_transformers_llama_bidirectional(tmp_path):
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                                      rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(2)
+    ref = transformers.LlamaForCausalLM(config).eval()
+    write_llada(tmp_path, ref)
+    model = load_model(tmp_path)
+    assert not model.config.shift_logits and model.config.rope_theta == 500000.0 and model.config.mask_token_id == 95
+    ids = torch.randint(0, 96, (2, 15))
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=bidirectional(15, 2)).logits
+        got = model(ids)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
+def tiny_block_model(kv_heads: int = 2) -> Transformer:
+    config = ModelConfig(vocab_size=80, hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=kv_heads, intermediate_size=64,
+                         attention="block", prefix_token_id=3, suffix_token_id=4, middle_token_id=5)
+    model = Transformer(config)
+    init_weights(model, seed=3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_block_layout_cached_steps_equal_one_masked_forward(kv_heads):
+    model = tiny_block_model(kv_heads)
+    context = torch.randint(6, 80, (1, 23))
+    canvas = torch.randint(0, 80, (1, 9))
+    ids = torch.cat([context, canvas], dim=1)
+    with torch.no_grad():
+        one_shot = model.hidden_states(ids, torch.arange(32), mask=block_diffusion_mask(23, 9))
+        cache = model.new_cache()
+        for start, stop in ((0, 10), (10, 11), (11, 17), (17, 23)):  # the context arrives in pieces, as keystrokes
+            model.hidden_states(context[:, start:stop], torch.arange(start, stop), cache=cache, causal=True, store=True)
+        assert cache.length == 23
+        canvas_hidden = model.hidden_states(canvas, torch.arange(23, 32), cache=cache)
+    torch.testing.assert_close(canvas_hidden, one_shot[:, 23:], atol=1e-5, rtol=1e-5)
+    # the cache reproduces the context's own (causal) states too: recompute them through it
+    with torch.no_grad():
+        again = model.new_cache()
+        ctx_hidden = model.hidden_states(context, torch.arange(23), cache=again, causal=True, store=True)
+    torch.testing.assert_close(ctx_hidden, one_shot[:, :23], atol=1e-5, rtol=1e-5)
+    for a, b in zip(cache.keys, again.keys):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_truncate_then_append_equals_fresh_cache():
+    model = tiny_block_model()
+    first = torch.randint(6, 80, (1, 20))
+    edited = torch.cat([first[:, :12], torch.randint(6, 80, (1, 5))], dim=1)
+    with torch.no_grad():
+        cache = model.new_cache()
+        model.hidden_states(first, torch.arange(20), cache=cache, causal=True, store=True)
+        cache.truncate(12)
+        model.hidden_states(edited[:, 12:], torch.arange(12, 17), cache=cache, causal=True, store=True)
+        fresh = model.new_cache()
+        model.hidden_states(edited, torch.arange(17), cache=fresh, causal=True, store=True)
+    for a, b in zip(cache.values, fresh.values):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_stacked_caches_with_key_mask_equal_separate_rows():
+    """Batched requests: contexts of different lengths left-padded, canvases of different
+    lengths right-padded, per-row positions: each row equals that request alone."""
+    model = tiny_block_model()
+    lengths, widths = [7, 19, 12], [5, 3, 5]
+    caches, alone = [], []
+    with torch.no_grad():
+        canvases = [torch.randint(0, 80, (1, w)) for w in widths]
+        for n, canvas in zip(lengths, canvases):
+            cache = model.new_cache()
+            model.hidden_states(torch.randint(6, 80, (1, n)), torch.arange(n), cache=cache, causal=True, store=True)
+            caches.append(cache)
+            alone.append(model.hidden_states(canvas, torch.arange(n, n + canvas.shape[1]), cache=cache))
+        stacked, valid = KVCache.stack(caches)
+        assert stacked.length == 19 and valid.sum(dim=1).tolist() == lengths
+        width = max(widths)
+        batch = torch.zeros(3, width, dtype=torch.long)
+        for r, canvas in enumerate(canvases):
+            batch[r, : canvas.shape[1]] = canvas[0]
+        positions = torch.tensor(lengths)[:, None] + torch.arange(width)[None]
+        canvas_valid = torch.arange(width)[None] < torch.tensor(widths)[:, None]
+        together = model.hidden_states(batch, positions, cache=stacked, key_valid=torch.cat([valid, canvas_valid], dim=1))
+    assert torch.isfinite(together).all()
+    for r, w in enumerate(widths):
+        torch.testing.assert_close(together[r, :w], alone[r][0], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_mask_shapes_and_no_empty_rows():
+    assert attention_mask(4, 0, causal=False) is None
+    causal = attention_mask(3, 2, causal=True)
+    assert causal.tolist() == [[True, True, True, False, False], [True, True, True, True, False], [True] * 5]
+    valid = torch.tensor([[False, False, True, True, True]])
+    masked = attention_mask(3, 2, causal=True, key_valid=valid)
+    assert masked.shape == (1, 1, 3, 5)
+    assert masked.any(dim=-1).all()  # every query sees at least itself
+    assert not masked[0, 0, :, :2].any()
+
+
+def test_kv_cache_bytes_count_and_compact():
+    model = tiny_block_model()
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.hidden_states(torch.randint(6, 80, (1, 40)), torch.arange(40), cache=cache, causal=True, store=True)
+    full = cache.nbytes()
+    assert full == 2 * 2 * 40 * 2 * 8 * 4  # layers x (k, v) x tokens x kv heads x head dim x float32
+    cache.truncate(10)
+    assert cache.nbytes() == full  # a truncated view still holds its storage
+    cache.compact()
+    assert cache.nbytes() == full // 4
