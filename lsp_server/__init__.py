@@ -27,6 +27,7 @@ def run(model: str | None = None, backend: str = "torch", device: str = "cpu", t
     """
     from difill.lsp_server.config import Settings
     from difill.lsp_server.server import ClientLogHandler, build_server
+    from difill.lsp_server.transport import FdReader
 
     _setup_logging(log_file)
     server = build_server(Settings(model=model, backend=backend, device=device))
@@ -45,17 +46,19 @@ def run(model: str | None = None, backend: str = "torch", device: str = "cpu", t
             connection, peer = listener.accept()
         log.info("client connected from %s", peer)
         with connection:
-            return server.serve(connection.makefile("rb"), connection.makefile("wb"))
+            return server.serve(FdReader(connection.fileno()), connection.makefile("wb"))
     finally:
         root.removeHandler(handler)
 
 
 def _private_stdio():
+    from difill.lsp_server.transport import FdReader
+
     protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
-    return sys.stdin.buffer, protocol_out
+    return FdReader(sys.stdin.fileno()), protocol_out
 
 
 def _parse_address(spec: str) -> tuple[str, int]:

@@ -156,7 +156,11 @@ class Document:
 
 class DocumentStore:
     """The open documents by URI. Changes to documents that were never opened are ignored
-    (with a log line): the server cannot know their text, and guessing would be worse."""
+    (with a log line): the server cannot know their text, and guessing would be worse.
+
+    A change replaces the :class:`Document` object rather than mutating it, so a request can
+    hold the document as it was when the request arrived (texts are immutable strings: the copy
+    is free) while later edits come in."""
 
     def __init__(self, encoding: str = UTF16):
         self.encoding = encoding
@@ -185,10 +189,13 @@ class DocumentStore:
         if document is None:
             log.warning("didChange for %s, which was never opened: ignored", uri)
             return None
+        # Copy on write: a request that took this document at dispatch keeps seeing that text.
+        document = Document(document.uri, document.text, document.language_id, document.version, document._starts)
         for text, range_ in changes:
             document.apply(text, range_, self.encoding)
         if version is not None:
             document.version = version
+        self._documents[uri] = document
         return document
 
     def close(self, uri: str) -> Document | None:

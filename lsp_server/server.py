@@ -13,6 +13,7 @@ The protocol subclass changes three things about pygls:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 from typing import Any, BinaryIO
@@ -37,7 +38,29 @@ log = logging.getLogger(__name__)
 INFILL, STATUS, PROGRESS, PARTIAL_ACCEPT, ACCEPT = "difill/infill", "difill/status", "difill/progress", "difill/didPartiallyAccept", "difill.accept"
 
 
+# The document a request refers to, as it was when the request arrived. Handlers run as tasks
+# that start a loop iteration later, after a didChange that arrived right behind the request
+# may already have been applied; the request's position refers to the text before it.
+REQUEST_DOCUMENT: contextvars.ContextVar[tuple[str, Any] | None] = contextvars.ContextVar("difill_request_document", default=None)
+
+
+def _uri_of(params: Any) -> str | None:
+    if isinstance(params, dict):
+        document = params.get("textDocument")
+        uri = document.get("uri") if isinstance(document, dict) else None
+    else:
+        uri = getattr(getattr(params, "text_document", None), "uri", None)
+    return uri if isinstance(uri, str) else None
+
+
 class DifillProtocol(LanguageServerProtocol):
+    def _handle_request(self, msg_id, method_name: str, params: Any):
+        # pygls runs this inside a fresh context; tasks created for the handler inherit it.
+        uri = _uri_of(params)
+        if uri is not None:
+            REQUEST_DOCUMENT.set((uri, self._server.service.documents.get(uri)))
+        return super()._handle_request(msg_id, method_name, params)
+
     def structure_message(self, data: dict[str, Any]):
         method = data.get("method")
         if isinstance(method, str) and method.startswith("difill/") and "jsonrpc" in data:
@@ -66,6 +89,8 @@ class DifillServer(LanguageServer):
                          protocol_cls=DifillProtocol)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.service = Service(settings, self)
+        self.service.on_loaded.append(self._loaded)
+        self._progress_tokens: list[str] = []
         self.exit_code = 0
         self.initialized = False
 
@@ -120,26 +145,39 @@ class DifillServer(LanguageServer):
         return self.exit_code
 
     async def report_loading(self) -> None:
-        """Work done progress for the model load, if the client supports it."""
+        """Work done progress for a model load, if the client supports it. The "end" is sent by
+        :meth:`_loaded`, in the same loop callback that makes the state ready or failed."""
         capabilities = self.protocol.client_capabilities
-        if not (capabilities.window and capabilities.window.work_done_progress) or self.service.host.state != LOADING:
+        host = self.service.host
+        if not (capabilities.window and capabilities.window.work_done_progress) or host.state != LOADING:
             return
-        token = f"difill-load-{id(self.service.host)}-{self.service.host._generation}"
+        token = f"difill-load-{host._generation}"
         try:
             await self.work_done_progress.create_async(token)
         except Exception as exc:  # the client refused: no progress bar, loading goes on
             log.info("no work done progress: %s", exc)
             return
-        self.work_done_progress.begin(token, types.WorkDoneProgressBegin(title="difill", message=self.service.host.message))
-        while self.service.host.state == LOADING:
-            await asyncio.sleep(0.05)
-        self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=f"model {self.service.host.state}"))
-        self.work_done_progress.tokens.pop(token, None)
+        if host.state != LOADING:
+            self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=f"model {host.state}"))
+            return
+        self.work_done_progress.begin(token, types.WorkDoneProgressBegin(title="difill", message=host.message))
+        self._progress_tokens.append(token)
+
+    def _loaded(self, state: str, message: str) -> None:
+        for token in self._progress_tokens:
+            self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=f"model {state}: {message}"))
+            self.work_done_progress.tokens.pop(token, None)
+        self._progress_tokens.clear()
 
 
 def build_server(settings: config.Settings) -> DifillServer:
     server = DifillServer(settings)
     service = server.service
+
+    def arrived(uri: str):
+        """The document as it was when the current request arrived."""
+        taken = REQUEST_DOCUMENT.get()
+        return taken[1] if taken is not None and taken[0] == uri else service.documents.get(uri)
 
     @server.feature(types.INITIALIZE)
     def initialize(ls: DifillServer, params: types.InitializeParams) -> None:
@@ -178,22 +216,30 @@ def build_server(settings: config.Settings) -> DifillServer:
     def did_close(ls: DifillServer, params: types.DidCloseTextDocumentParams) -> None:
         service.did_close(params.text_document.uri)
 
-    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
-    async def did_change_configuration(ls: DifillServer, params: types.DidChangeConfigurationParams) -> None:
-        settings = params.settings
-        capabilities = ls.protocol.client_capabilities
-        if not settings and capabilities.workspace and capabilities.workspace.configuration:
-            try:  # the client wants to be asked (pull model)
-                answer = await ls.workspace_configuration_async(types.ConfigurationParams(items=[types.ConfigurationItem(section="difill")]))
-                settings = answer[0] if answer else None
-            except Exception as exc:
-                log.warning("workspace/configuration failed: %s", exc)
-                return
-        state_before = service.host._generation
+    def apply_settings(ls: DifillServer, settings: Any) -> None:
+        generation = service.host._generation
         for warning in service.configure(settings):
             ls.log_message(logging.WARNING, f"difill: {warning}")
-        if service.host._generation != state_before:
-            await ls.report_loading()
+        if service.host._generation != generation:
+            asyncio.ensure_future(ls.report_loading())
+
+    async def pull_settings(ls: DifillServer) -> None:
+        try:
+            answer = await ls.workspace_configuration_async(types.ConfigurationParams(items=[types.ConfigurationItem(section="difill")]))
+        except Exception as exc:
+            log.warning("workspace/configuration failed: %s", exc)
+            return
+        apply_settings(ls, answer[0] if answer else None)
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    def did_change_configuration(ls: DifillServer, params: types.DidChangeConfigurationParams) -> None:
+        """Synchronous, so that settings apply before the next message is handled. Empty
+        settings mean "ask me" (the pull model): then the server asks with workspace/configuration."""
+        capabilities = ls.protocol.client_capabilities
+        if not params.settings and capabilities.workspace and capabilities.workspace.configuration:
+            asyncio.ensure_future(pull_settings(ls))
+        else:
+            apply_settings(ls, params.settings)
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(ls: DifillServer, params: types.InlineCompletionParams) -> list[types.InlineCompletionItem]:
@@ -206,8 +252,9 @@ def build_server(settings: config.Settings) -> DifillServer:
         if selected is not None:
             r = selected.range
             selection = ((r.start.line, r.start.character), (r.end.line, r.end.character), selected.text)
-        suggestion = await service.suggest_at(params.text_document.uri, params.position.line, params.position.character,
-                                              automatic=automatic, selected=selection)
+        uri = params.text_document.uri
+        suggestion = await service.suggest_at(uri, params.position.line, params.position.character,
+                                              automatic=automatic, selected=selection, document=arrived(uri))
         return inline_items(suggestion.texts, params.position, suggestion.item_ids, selected)
 
     @server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(resolve_provider=False))
@@ -215,8 +262,8 @@ def build_server(settings: config.Settings) -> DifillServer:
         service.counters.requests += 1
         service.counters.completion += 1
         uri = params.text_document.uri
-        suggestion = await service.suggest_at(uri, params.position.line, params.position.character)
-        document = service.documents.get(uri)
+        document = arrived(uri)
+        suggestion = await service.suggest_at(uri, params.position.line, params.position.character, document=document)
         if not suggestion.texts or suggestion.window is None or document is None:
             return types.CompletionList(is_incomplete=True, items=[])
         word = word_before(suggestion.window.line_before)
@@ -234,7 +281,7 @@ def build_server(settings: config.Settings) -> DifillServer:
             raise JsonRpcInvalidParams(f"Invalid params for {INFILL}: {exc}") from exc
         if call.uri is not None:
             suggestion = await service.suggest_at(call.uri, call.line, call.character, options=call.options,
-                                                  progress_token=call.progress_token)
+                                                  progress_token=call.progress_token, document=arrived(call.uri))
         else:
             suggestion = await service.suggest_text(call.prefix or "", call.suffix, call.language, call.path, call.options,
                                                     call.document_key, call.progress_token)

@@ -27,7 +27,7 @@ from difill import __version__
 from difill.lsp_server import config
 from difill.lsp_server.completion import TypingCache, Window, context_window, looks_binary, render_canvas
 from difill.lsp_server.debounce import Debouncer
-from difill.lsp_server.documents import UTF16, DocumentStore
+from difill.lsp_server.documents import UTF16, Document, DocumentStore
 from difill.lsp_server.engine_host import READY, CancelToken, EngineHost, Skipped
 
 log = logging.getLogger(__name__)
@@ -119,21 +119,23 @@ class Service:
         self.last: dict[str, Any] = {}
         self._ids = count(1)
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.on_loaded: list[Callable[[str, str], None]] = []
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self, loop: asyncio.AbstractEventLoop, on_loaded: Callable[[str, str], None] | None = None) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.load_model(on_loaded)
+        self.load_model()
 
-    def load_model(self, on_loaded: Callable[[str, str], None] | None = None) -> None:
+    def load_model(self) -> None:
+        """(Re)load the model in the background; listeners in ``on_loaded`` hear the outcome."""
         s = self.settings
 
         def done(state: str, message: str) -> None:
             if state != READY:
                 self.client.show_message(True, f"difill: {message}. Completion is off until the model loads "
                                          "(check the 'model' setting or the --model option).")
-            if on_loaded is not None:
-                on_loaded(state, message)
+            for listener in list(self.on_loaded):
+                listener(state, message)
 
         assert self.loop is not None
         self.host.load(self.loop, s.model, s.backend, s.device, done)
@@ -168,10 +170,12 @@ class Service:
     # ---------------------------------------------------------------- suggestions
     async def suggest_at(self, uri: str, line: int, character: int, *, automatic: bool = False,
                          selected: tuple[tuple[int, int], tuple[int, int], str] | None = None,
-                         options: Options | None = None, progress_token: Any = None) -> Suggestion:
-        """Suggestions at a position of an open document."""
+                         options: Options | None = None, progress_token: Any = None,
+                         document: Document | None = None) -> Suggestion:
+        """Suggestions at a position of an open document (``document``: its version when the
+        request arrived, if the caller took it then)."""
         started = time.perf_counter()
-        document = self.documents.get(uri)
+        document = document or self.documents.get(uri)
         if document is None:
             log.info("completion requested for %s, which is not open: no suggestion", uri)
             return Suggestion("unknown-document")

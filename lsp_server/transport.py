@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 from typing import BinaryIO, Callable
 
@@ -66,6 +67,59 @@ def read_frame(stream: BinaryIO) -> bytes | None:
     if len(body) < length:
         return None
     return body
+
+
+class FdReader:
+    """A minimal buffered reader over a file descriptor (stdin or a socket).
+
+    Not ``sys.stdin.buffer``: a daemon thread blocked in a ``BufferedReader`` holds its lock,
+    and the interpreter aborts ("could not acquire lock ... at interpreter shutdown") when it
+    finalizes that object on exit. ``os.read`` holds no Python lock.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buffer = bytearray()
+        self.eof = False
+
+    def _fill(self) -> bool:
+        if self.eof:
+            return False
+        chunk = os.read(self.fd, self.CHUNK)
+        if not chunk:
+            self.eof = True
+            return False
+        self.buffer += chunk
+        return True
+
+    def readline(self, limit: int = -1) -> bytes:
+        start = 0
+        while True:
+            end = self.buffer.find(b"\n", start)
+            if end >= 0:
+                end += 1
+                break
+            if 0 <= limit <= len(self.buffer):
+                end = limit
+                break
+            start = len(self.buffer)
+            if not self._fill():
+                end = len(self.buffer)
+                break
+        if limit >= 0:
+            end = min(end, limit)
+        line = bytes(self.buffer[:end])
+        del self.buffer[:end]
+        return line
+
+    def read(self, n: int) -> bytes:
+        while len(self.buffer) < n and self._fill():
+            pass
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
 
 
 class Writer:
