@@ -8,7 +8,9 @@
 
 Both dispatch the same way: the Triton kernel for CUDA tensors when Triton imports (the ``gpu``
 extra) and ``DIFILL_KERNELS`` is not ``0``; the plain PyTorch reference in the same module
-otherwise. The references are the specification the tests hold the kernels to.
+otherwise. The references are the specification the tests hold the kernels to. Under
+``TRITON_INTERPRET=1`` CPU tensors take the kernels as well (Triton's interpreter), which is how
+the tests run them without a GPU. :mod:`difill.kernels.hooks` connects them to the engine.
 """
 
 from __future__ import annotations
@@ -16,15 +18,21 @@ from __future__ import annotations
 import torch
 
 from difill.kernels._common import TRITON_ERROR, kernels_disabled_by_env, triton_available, use_triton
-from difill.kernels.attention import canvas_attention_reference, canvas_attention_triton
+from difill.kernels.attention import canvas_attention_reference, canvas_attention_sdpa, canvas_attention_triton
 from difill.kernels.confidence import POLICIES, Confidence, confidence_reference, confidence_triton
 
+# The attention kernel is for the canvas's few queries; a longer query window (a bidirectional
+# model's full forward pass through the same hook) goes to PyTorch's flash attention instead.
+MAX_KERNEL_QUERIES = 256
+
 __all__ = [
+    "MAX_KERNEL_QUERIES",
     "Confidence",
     "POLICIES",
     "TRITON_ERROR",
     "canvas_attention",
     "canvas_attention_reference",
+    "canvas_attention_sdpa",
     "canvas_attention_triton",
     "confidence_reference",
     "confidence_triton",
@@ -60,8 +68,11 @@ def canvas_attention(q: torch.Tensor, k_cache: torch.Tensor | None, v_cache: tor
     """softmax(q K^T * scale) V over the cache's and the canvas's keys, no mask.
 
     q [B, Hq, M, D]; k/v_cache [B or 1, Hkv, T, D] or None; k/v_canvas [B, Hkv, M', D];
-    ``scale`` defaults to 1/sqrt(D). Returns [B, Hq, M, D] in q's dtype.
+    ``scale`` defaults to 1/sqrt(D). Returns [B, Hq, M, D] in q's dtype. Windows of more than
+    ``MAX_KERNEL_QUERIES`` queries take PyTorch's SDPA rather than the split-K kernel.
     """
     if use_triton(q):
+        if q.shape[2] > MAX_KERNEL_QUERIES:
+            return canvas_attention_sdpa(q, k_cache, v_cache, k_canvas, v_canvas, scale)
         return canvas_attention_triton(q, k_cache, v_cache, k_canvas, v_canvas, scale)
     return canvas_attention_reference(q, k_cache, v_cache, k_canvas, v_canvas, scale)

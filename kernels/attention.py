@@ -72,6 +72,21 @@ def canvas_attention_reference(q: torch.Tensor, k_cache: torch.Tensor | None, v_
     return (torch.softmax(scores, dim=-1) @ values).to(q.dtype)
 
 
+def canvas_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+                          k_canvas: torch.Tensor, v_canvas: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """PyTorch's fused attention over cache + canvas: what the dispatcher uses for long query
+    windows (a bidirectional model's full pass), where SDPA's flash kernel is the right tool."""
+    check_attention_inputs(q, k_cache, v_cache, k_canvas, v_canvas)
+    b, hq = q.shape[:2]
+    keys, values = k_canvas, v_canvas
+    if k_cache is not None:
+        keys = torch.cat([k_cache.expand(b, -1, -1, -1), k_canvas], dim=2)
+        values = torch.cat([v_cache.expand(b, -1, -1, -1), v_canvas], dim=2)
+    if keys.shape[1] != hq:
+        keys, values = keys.repeat_interleave(hq // keys.shape[1], dim=1), values.repeat_interleave(hq // keys.shape[1], dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, keys, values, scale=scale)
+
+
 if triton is not None:
     import triton.language as tl
 
@@ -165,9 +180,10 @@ if triton is not None:
 
 def canvas_attention_triton(q: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
                             k_canvas: torch.Tensor, v_canvas: torch.Tensor, scale: float | None = None,
-                            *, splits: int | None = None, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+                            *, splits: int | None = None, block_m: int = 64, block_n: int | None = None) -> torch.Tensor:
     """The split-K Triton kernel; runs on CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
-    ``splits`` (key chunks) defaults to enough programs for a few per SM."""
+    ``splits`` (key chunks) defaults to enough programs for a few per SM; key tiles are 64 on a
+    GPU and larger in the interpreter (fewer Python-level operations)."""
     if triton is None:
         raise RuntimeError("Triton is not installed (pip install 'difill[gpu]')")
     check_attention_inputs(q, k_cache, v_cache, k_canvas, v_canvas)
@@ -192,6 +208,7 @@ def canvas_attention_triton(q: torch.Tensor, k_cache: torch.Tensor | None, v_cac
         return (0 if x.shape[0] == 1 else x.stride(0)), x.stride(1), x.stride(2)
 
     total = t + l_new
+    block_n = block_n or (256 if interpreting() else 64)
     block_d = max(16, next_power_of_2(d))
     block_m = max(16, min(block_m, next_power_of_2(group * m)))
     row_blocks = cdiv(group * m, block_m)

@@ -14,7 +14,7 @@ this kernel reads it once and keeps per-row running statistics instead of the lo
 
 Pass 1 splits the vocabulary into contiguous chunks, one program per (row block, chunk), so a
 GPU with 132 SMs has a few hundred programs even for 16 rows; each writes its partial
-statistics. Pass 2 merges a row's chunks (a log-sum-exp merge) and writes token, probability
+statistics. Pass 2 merges each row's chunks (a log-sum-exp merge) and writes token, probability
 and score. Logits are accumulated in fp32 from fp16/bf16/fp32 inputs.
 
 Bans. The sampler bans two kinds of tokens: the same few ids for every position (mask, pad,
@@ -182,28 +182,30 @@ if triton is not None:
     @triton.jit
     def _confidence_combine_kernel(
         m_ptr, s_ptr, t_ptr, top1_ptr, idx1_ptr, top2_ptr, token_ptr, prob_ptr, score_ptr,
-        n_splits, POLICY: tl.constexpr, SPLITS: tl.constexpr,
+        N, n_splits, POLICY: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        """One row: merge its chunks' statistics, write token, probability and score."""
-        row = tl.program_id(0)
+        """BLOCK_R rows: merge each row's chunk statistics, write token, probability and score."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < N
         j = tl.arange(0, SPLITS)
-        ok = j < n_splits
-        base = row * n_splits
-        m = tl.load(m_ptr + base + j, mask=ok, other=float("-inf"))
-        s = tl.load(s_ptr + base + j, mask=ok, other=0.0)
-        t = tl.load(t_ptr + base + j, mask=ok, other=0.0)
-        top1 = tl.load(top1_ptr + base + j, mask=ok, other=float("-inf"))
-        top2 = tl.load(top2_ptr + base + j, mask=ok, other=float("-inf"))
-        idx1 = tl.load(idx1_ptr + base + j, mask=ok, other=2147483647)
-        big_m = tl.max(m, axis=0)
+        ok = row_ok[:, None] & (j < n_splits)[None, :]
+        at = rows[:, None] * n_splits + j[None, :]
+        m = tl.load(m_ptr + at, mask=ok, other=float("-inf"))
+        s = tl.load(s_ptr + at, mask=ok, other=0.0)
+        t = tl.load(t_ptr + at, mask=ok, other=0.0)
+        top1 = tl.load(top1_ptr + at, mask=ok, other=float("-inf"))
+        top2 = tl.load(top2_ptr + at, mask=ok, other=float("-inf"))
+        idx1 = tl.load(idx1_ptr + at, mask=ok, other=2147483647)
+        big_m = tl.max(m, axis=1)
         big_m = tl.where(big_m == float("-inf"), 0.0, big_m)
-        weight = tl.exp(m - big_m)
-        total = tl.sum(s * weight, axis=0)
-        weighted_logit = tl.sum(t * weight, axis=0)
-        best = tl.max(top1, axis=0)
+        weight = tl.exp(m - big_m[:, None])
+        total = tl.where(row_ok, tl.sum(s * weight, axis=1), 1.0)  # rows past N: no 0/0
+        weighted_logit = tl.sum(t * weight, axis=1)
+        best = tl.max(top1, axis=1)
         # Chunks cover increasing ids, so the smallest index among the maxima is the first one.
-        token = tl.min(tl.where(top1 == best, idx1, 2147483647), axis=0)
-        second = tl.maximum(tl.max(top2, axis=0), tl.max(tl.where(idx1 == token, float("-inf"), top1), axis=0))
+        token = tl.min(tl.where(top1 == best[:, None], idx1, 2147483647), axis=1)
+        runner_up = tl.max(tl.where(idx1 == token[:, None], float("-inf"), top1), axis=1)
+        second = tl.maximum(tl.max(top2, axis=1), runner_up)
         prob = tl.exp(best - big_m) / total
         if POLICY == 0:
             score = prob
@@ -211,16 +213,18 @@ if triton is not None:
             score = prob - tl.exp(second - big_m) / total
         else:
             score = -(big_m + tl.log(total) - weighted_logit / total)
-        tl.store(token_ptr + row, token.to(tl.int64))
-        tl.store(prob_ptr + row, prob)
-        tl.store(score_ptr + row, score)
+        tl.store(token_ptr + rows, token.to(tl.int64), mask=row_ok)
+        tl.store(prob_ptr + rows, prob, mask=row_ok)
+        tl.store(score_ptr + rows, score, mask=row_ok)
 
 
 def confidence_triton(hidden: torch.Tensor, head_weight: torch.Tensor, policy: str,
                       bias: torch.Tensor | None = None, banned_ids: torch.Tensor | None = None,
-                      *, splits: int | None = None, block_v: int = 128, block_d: int = 64) -> Confidence:
+                      *, splits: int | None = None, block_v: int | None = None, block_d: int | None = None) -> Confidence:
     """The two-pass Triton kernel; runs on CUDA tensors, or on CPU tensors under
-    ``TRITON_INTERPRET=1``. ``splits`` (vocabulary chunks) defaults to a few per SM."""
+    ``TRITON_INTERPRET=1``. ``splits`` (vocabulary chunks) defaults to a few per SM; the tile
+    sizes default to 128 x 64 on a GPU and to larger tiles in the interpreter, where each
+    operation costs Python overhead and bigger tiles are simply faster."""
     if triton is None:
         raise RuntimeError("Triton is not installed (pip install 'difill[gpu]')")
     check_confidence_inputs(hidden, head_weight, policy, bias, banned_ids)
@@ -249,8 +253,9 @@ def confidence_triton(hidden: torch.Tensor, head_weight: torch.Tensor, policy: s
     else:
         banned_arg, n_banned = token, 0  # never read
 
+    block_v = block_v or (2048 if interpreting() else 128)
+    block_d = max(16, min(block_d or (256 if interpreting() else 64), next_power_of_2(d)))
     block_n = 16 if n <= 16 else 32 if n <= 32 else 64
-    block_d = max(16, min(block_d, next_power_of_2(d)))
     row_blocks = cdiv(n, block_n)
     tiles = cdiv(vocab, block_v)
     if splits is None:
@@ -270,8 +275,10 @@ def confidence_triton(hidden: torch.Tensor, head_weight: torch.Tensor, policy: s
         DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=4, num_stages=3,
     )
-    _confidence_combine_kernel[(n,)](
-        m, s, t, top1, idx1, top2, token, prob, score, splits,
-        POLICY=POLICIES.index(policy), SPLITS=next_power_of_2(splits), num_warps=4,
+    splits_p2 = next_power_of_2(splits)
+    block_r = max(1, min(16, 2048 // splits_p2, next_power_of_2(n)))  # rows per program, bounded registers
+    _confidence_combine_kernel[(cdiv(n, block_r),)](
+        m, s, t, top1, idx1, top2, token, prob, score, n, splits,
+        POLICY=POLICIES.index(policy), SPLITS=splits_p2, BLOCK_R=block_r, num_warps=4,
     )
     return Confidence(token.reshape(lead), prob.reshape(lead), score.reshape(lead))

@@ -263,3 +263,19 @@ def test_dispatch_reaches_the_kernel_when_enabled(monkeypatch):
 def test_bad_inputs_get_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@needs_triton
+def test_long_query_windows_go_to_sdpa(monkeypatch):
+    """A bidirectional model's full pass reaches the same hook: past MAX_KERNEL_QUERIES queries
+    the dispatcher uses SDPA, not the split-K kernel."""
+    monkeypatch.setenv("DIFILL_KERNELS", "1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the split-K kernel ran on a long query window")
+
+    monkeypatch.setattr(kernels, "canvas_attention_triton", refuse)
+    m = kernels.MAX_KERNEL_QUERIES + 1
+    q, _, _, k, v = _attention_inputs(1, 4, 2, m, 0, 16, 1, torch.float32, seed=4)
+    torch.testing.assert_close(canvas_attention(q, None, None, k, v).cpu(),
+                               canvas_attention_reference(q, None, None, k, v).cpu(), atol=1e-5, rtol=1e-5)

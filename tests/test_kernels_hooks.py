@@ -166,3 +166,24 @@ def test_denoise_with_the_kernels_matches_the_plain_sampler(setup):
     assert fused.steps == plain.steps
     assert fused.tokens == plain.tokens
     assert fused.ended == plain.ended
+
+
+def test_engine_call_site_uses_the_kernels(monkeypatch):
+    """The engine's hook (normally switched on by device == "cuda"), forced on the CPU: the
+    completion is the plain engine's, and the sampler really went through ``confidence_fn``."""
+    from difill.inference.engine import Engine, EngineSettings, InfillRequest
+    from difill.kernels import hooks
+
+    made = []
+    original = hooks.make_confidence_fn
+    monkeypatch.setattr(hooks, "make_confidence_fn", lambda *a, **k: made.append(a) or original(*a, **k))
+    request = InfillRequest(PREFIX, SUFFIX, language="python", mode="line", max_tokens=8, steps=4, constrain_syntax=False)
+    plain = Engine.load(device=DEVICE, settings=EngineSettings(use_kernels=False))
+    assert not plain.use_kernels
+    expected = plain.infill(request)
+    fused = Engine.load(device=DEVICE)
+    fused.use_kernels = True
+    set_canvas_attention(fused.model, True)
+    got = fused.infill(request)
+    assert made, "the engine did not build a confidence_fn"
+    assert (got.completion, got.tokens, got.steps) == (expected.completion, expected.tokens, expected.steps)
