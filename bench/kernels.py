@@ -10,6 +10,7 @@ bandwidth, or to do the FLOPs at tensor-core peak, whichever is longer), then co
 before each run) of the kernel, the plain-PyTorch path the engine takes without kernels, and
 the reference. Floors assume an H100 SXM: 3.35 TB/s HBM3 and 989 TFLOP/s dense bf16/fp16.
 
+On CUDA it also times the bundled model's infill end to end with the kernels on and off.
 Without CUDA it says that the GPU figures are pending and times the PyTorch paths on the CPU
 at the small (bundled model) shapes, as a smoke figure.
 """
@@ -224,6 +225,31 @@ def bench_attention(case: AttentionCase, device: str, dtype: torch.dtype) -> Row
     return row
 
 
+# ---------------------------------------------------------------------------- end to end
+def bench_engine(runs: int = 10) -> dict:
+    """CUDA only: the bundled model's infill latency with the kernels on and off (what a user
+    feels; on a model this small a step is mostly launch overhead, so expect a modest gap)."""
+    from difill.inference.engine import Engine, EngineSettings, InfillRequest
+
+    request = InfillRequest("def fibonacci(n):\n    if n < 2:\n        return n\n    return ", "\n", language="python",
+                            mode="line", constrain_syntax=False)
+    out = {}
+    for label, on in (("kernels", True), ("no_kernels", False)):
+        engine = Engine.load(device="cuda", settings=EngineSettings(use_kernels=on))
+        engine.infill(request)
+        times = []
+        for _ in range(runs):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = engine.infill(request)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1000)
+        out[label] = {"median_ms": round(statistics.median(times), 2), "steps": result.steps,
+                      "tokens": result.tokens, "completion": result.completion, "use_kernels": engine.use_kernels}
+    out["same_completion"] = out["kernels"]["completion"] == out["no_kernels"]["completion"]
+    return out
+
+
 # ---------------------------------------------------------------------------- report
 def print_table(rows: list[Row], gpu: bool) -> None:
     header = f"{'kernel':<17} {'case':<42} {'dtype':<9} {'MB':>8} {'floor us':>9} {'triton us':>10} {'torch us':>10} {'ref us':>10} {'speedup':>8} {'% floor':>8}  correctness"
@@ -260,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         if gpu or case.small:
             rows.append(bench_attention(case, device, dtype))
     print_table(rows, gpu)
+    engine = None
+    if gpu:
+        engine = bench_engine()
+        print(f"\nengine, bundled model, line completion: kernels {engine['kernels']['median_ms']} ms, "
+              f"without {engine['no_kernels']['median_ms']} ms, same completion: {engine['same_completion']}")
     document = {
         "device": torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or platform.machine()})",
         "gpu_figures": "measured" if gpu else "pending: no CUDA device",
@@ -267,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "triton": (__import__("triton").__version__ if triton_available() else f"not importable ({TRITON_ERROR})"),
         "assumptions": ASSUMPTIONS,
         "results": [dict(asdict(r), speedup=r.speedup) for r in rows],
+        "engine": engine if engine is not None else "pending: no CUDA device",
     }
     if args.json:
         print(json.dumps(document, indent=2))

@@ -142,13 +142,14 @@ if triton is not None:
                 ks = k0 + tl.arange(0, BLOCK_D)
                 k_ok = ks < D
                 h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                # int64 offsets: V x d passes 2^31 for the largest vocabularies
+                w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wv + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
                 if UPCAST:  # Triton's interpreter multiplies bf16 as raw integers
                     h = h.to(tl.float32)
                     w = w.to(tl.float32)
                 acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
             if HAS_BIAS:
-                acc += tl.load(bias_ptr + rows[:, None] * stride_bias_n + cols[None, :],
+                acc += tl.load(bias_ptr + rows.to(tl.int64)[:, None] * stride_bias_n + cols[None, :],
                                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
             for j in tl.static_range(N_BANNED):
                 ids = tl.load(banned_ptr + rows * N_BANNED + j, mask=row_ok, other=-1)
