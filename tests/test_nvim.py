@@ -216,3 +216,13 @@ def test_e2e_leaving_insert_mode_hides_the_suggestion(e2e):
     assert left["mode"] == "n"
     assert left["marks"] == 0 and left["ghost"] is None
     assert left["lines"] == scenario["shown"]["lines"]
+
+
+@pytest.mark.slow
+def test_e2e_checkhealth_reports_server_model_and_device(e2e):
+    report = "\n".join(e2e["health"])
+    assert "ERROR" not in report, report
+    assert re.search(r"OK server: difill \d", report), report
+    assert re.search(r"OK model: .*backend: torch, device: cpu", report), report
+    assert "server offers textDocument/inlineCompletion" in report, report
+    assert re.search(r"status model: .*state = \"ready\"", report), report

@@ -214,6 +214,12 @@ local ok, err = xpcall(function()
     local response = client:request_sync('difill/status', vim.empty_dict(), 5000, 0)
     return response and response.result or vim.NIL
   ]])
+
+  -- 5. :checkhealth difill runs `difill info --json` and asks the running server.
+  child:input('<Esc>')
+  child:wait_mode('n')
+  child:request('nvim_command', 'checkhealth difill')
+  result.health = child:request('nvim_buf_get_lines', 0, 0, -1, false)
 end, debug.traceback)
 
 if not ok then

@@ -115,6 +115,18 @@ t.test('typing something else removes the suggestion', function()
   t.eq(snap.ghost, vim.NIL)
 end)
 
+t.test('moving the cursor without typing removes the suggestion', function()
+  child:insert_at({ 'value = ab' }, 0, -1)
+  t.eq(show({ { insertText = 'abcd()', range = range(0, 8, 10) } }).ghost, 'cd()', 'sanity')
+  child:input('<Left>')
+  local snap = child:wait('cursor moved', 2000, function()
+    local s = child:snapshot()
+    return s.cursor[2] == 9 and s
+  end)
+  t.eq(snap.marks, 0, 'no ghost text after moving left, though "a" still matches the item')
+  t.eq(snap.ghost, vim.NIL)
+end)
+
 t.test('dismiss key and leaving insert mode remove the suggestion, buffer untouched', function()
   child:insert_at({ 'value = ' }, 0, -1)
   t.eq(show({ { insertText = 'compute()' } }).marks, 1)

@@ -67,7 +67,10 @@ local function check_running(difill)
   elseif response.err then
     health.warn('difill/status failed: ' .. tostring(response.err.message))
   elseif type(response.result) == 'table' then
-    for key, value in pairs(response.result) do
+    local keys = vim.tbl_keys(response.result)
+    table.sort(keys)
+    for _, key in ipairs(keys) do
+      local value = response.result[key]
       local shown = type(value) == 'table' and vim.inspect(value, { newline = ' ', indent = '' }) or tostring(value)
       health.info(('status %s: %s'):format(key, shown))
     end

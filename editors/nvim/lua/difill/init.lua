@@ -40,6 +40,9 @@ local COALESCE_MS = 20
 ---@field ghost string|nil the part of the shown item not typed yet
 ---@field extmark integer|nil
 ---@field show_index boolean whether to show "(2/3)" after cycling
+---@field tick integer|nil the buffer's changedtick when the ghost text was drawn
+---@field row integer|nil where the ghost text was drawn (0-based row, byte col)
+---@field col integer|nil
 
 local state = {
   enabled = true,
@@ -182,6 +185,8 @@ local function render(bufnr, row, col, item, ghost, s)
     table.insert(virt_text, index_chunk)
   end
   s.extmark = api.nvim_buf_set_extmark(bufnr, M.ns, row, col, opts)
+  s.tick = api.nvim_buf_get_changedtick(bufnr)
+  s.row, s.col = row, col
 end
 
 --- Re-show the suggestion at the current cursor if the buffer still agrees with it (the user may
@@ -518,9 +523,18 @@ local function on_text_changed()
 end
 
 local function on_cursor_moved()
-  if state.suggestion then
-    refresh()
+  local s = state.suggestion
+  if not s then
+    return
   end
+  -- The cursor moved without an edit (arrow keys, mouse): the suggestion belonged elsewhere.
+  local cursor = api.nvim_win_get_cursor(0)
+  if s.bufnr == api.nvim_get_current_buf() and s.tick == api.nvim_buf_get_changedtick(s.bufnr)
+    and (cursor[1] - 1 ~= s.row or cursor[2] ~= s.col) then
+    clear()
+    return
+  end
+  refresh()
 end
 
 local function on_leave()
