@@ -226,3 +226,12 @@ def test_e2e_checkhealth_reports_server_model_and_device(e2e):
     assert re.search(r"OK model: .*backend: torch, device: cpu", report), report
     assert "server offers textDocument/inlineCompletion" in report, report
     assert re.search(r"status model: .*state = \"ready\"", report), report
+
+
+@pytest.mark.slow
+def test_e2e_configure_reaches_the_server(e2e):
+    settings = e2e["configured"]
+    assert settings["maxTokens"] == 24
+    assert settings["constrainSyntax"] is False
+    assert settings["candidates"] == 3, "options not changed keep their value"
+    assert settings["languages"] == ["python"]

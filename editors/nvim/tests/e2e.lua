@@ -209,6 +209,17 @@ local ok, err = xpcall(function()
     result.scenarios.escape = scenario
   end
 
+  -- configure{} sends workspace/didChangeConfiguration with the protocol's keys.
+  child:lua("require('difill').configure({ max_tokens = 24, constrain_syntax = false })")
+  result.configured = child:wait('the new settings on the server', 10000, function()
+    local settings = child:lua([[
+      local client = require('difill').get_client(0)
+      local response = client:request_sync('difill/status', vim.empty_dict(), 5000, 0)
+      return response and response.result and response.result.settings or false
+    ]])
+    return settings and settings.maxTokens == 24 and settings
+  end)
+
   result.status = child:lua([[
     local client = require('difill').get_client(0)
     local response = client:request_sync('difill/status', vim.empty_dict(), 5000, 0)
