@@ -54,6 +54,12 @@ def _uri_of(params: Any) -> str | None:
 
 
 class DifillProtocol(LanguageServerProtocol):
+    def _handle_cancel_notification(self, msg_id):
+        future = self._request_futures.get(msg_id)
+        if future is not None and not future.done():
+            self._server.service.counters.cancelled += 1
+        return super()._handle_cancel_notification(msg_id)
+
     def _handle_request(self, msg_id, method_name: str, params: Any):
         # pygls runs this inside a fresh context; tasks created for the handler inherit it.
         uri = _uri_of(params)
@@ -119,6 +125,11 @@ class DifillServer(LanguageServer):
         kind = (types.MessageType.Error if level >= logging.ERROR else types.MessageType.Warning if level >= logging.WARNING
                 else types.MessageType.Info if level >= logging.INFO else types.MessageType.Log)
         self._on_loop(self.window_log_message, types.LogMessageParams(type=kind, message=text))
+
+    def report_server_error(self, error: Exception, source: Any) -> None:
+        """pygls would pop up "Error in server" for errors outside requests; a completion
+        server should not interrupt the user: the log has it, requests get their error."""
+        log.error("server error (%s): %s", getattr(source, "__name__", source), error)
 
     # ---------------------------------------------------------------- serving
     def serve(self, reader: BinaryIO, writer: BinaryIO) -> int:

@@ -248,9 +248,8 @@ class Service:
             if token.cancelled:
                 return self._superseded(token, window)
             result = await self._run_model(window, language, path, options, document_key, token, progress_token)
-        except asyncio.CancelledError:  # $/cancelRequest of this very request
+        except asyncio.CancelledError:  # $/cancelRequest of this very request (counted by the protocol)
             token.cancel("cancelled")
-            self.counters.cancelled += 1
             raise
         except Skipped:
             return self._superseded(token, window)
@@ -326,11 +325,9 @@ class Service:
             handle.cancel()
 
     def _superseded(self, token: CancelToken, window: Window) -> Suggestion:
-        if token.reason == "cancelled":
-            self.counters.cancelled += 1
-            return Suggestion("cancelled", window=window)
-        self.counters.superseded += 1
-        return Suggestion("superseded", window=window)
+        if token.reason == "superseded":
+            self.counters.superseded += 1
+        return Suggestion(token.reason or "superseded", window=window)
 
     def _done(self, suggestion: Suggestion, started: float) -> Suggestion:
         suggestion.item_ids = [f"d{next(self._ids)}" for _ in suggestion.texts]

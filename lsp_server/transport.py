@@ -127,19 +127,30 @@ class Writer:
 
     def __init__(self, stream: BinaryIO):
         self.stream = stream
+        self.closed = False
         self._lock = threading.Lock()
 
     def write(self, data: bytes) -> None:
+        """Messages after ``exit`` (or after the client hung up) are dropped: there is no one to
+        read them, and an error here would only make pygls try to report it over this channel."""
         with self._lock:
-            self.stream.write(data)
-            self.stream.flush()
+            if self.closed:
+                return
+            try:
+                self.stream.write(data)
+                self.stream.flush()
+            except (OSError, ValueError) as exc:
+                self.closed = True
+                log.info("output closed: %s", exc)
 
     def close(self) -> None:
-        try:
-            self.stream.flush()
-            self.stream.close()
-        except (OSError, ValueError):
-            pass
+        with self._lock:
+            self.closed = True
+            try:
+                self.stream.flush()
+                self.stream.close()
+            except (OSError, ValueError):
+                pass
 
 
 def error_response(msg_id, code: int, message: str) -> dict:
