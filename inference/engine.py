@@ -468,27 +468,40 @@ class Engine:
 
     # ------------------------------------------------------------------ context
     def _budget_prefix(self, prefix: str, budget: int) -> list[int]:
-        """The last ``budget`` tokens of the prefix, starting at a line start. The start line is a
-        multiple of ``prefix_quantum_lines`` so it rarely moves while the user types, which keeps
-        the cached context valid. One encoding of a window finds the start; the chosen text is
-        encoded again on its own, as training did."""
-        window = prefix[-budget * 8:] if len(prefix) > budget * 8 else prefix
+        """The last ``budget`` tokens of the prefix, starting at a line start.
+
+        The start must not move while the user types, or every keystroke would invalidate the
+        cached context. So it is chosen from the lines *before* the cursor's line, leaving
+        ``reserve`` tokens for the cursor's line (a multiple of 32 that covers it), and it sits on
+        a multiple of ``prefix_quantum_lines``: it moves only when a line is added or the current
+        line outgrows its reserve, and then by whole blocks of lines. Token counts are not
+        monotonic in the typed characters (``pie`` is two tokens, ``piece`` one), which is why
+        the cursor's line is kept out of the choice.
+        """
+        line_start = prefix.rfind("\n") + 1
+        head, line = prefix[:line_start], prefix[line_start:]
+        line_ids = self.tokenizer.encode(line[-budget * 8:])
+        if len(line_ids) >= budget:  # one huge line
+            return line_ids[-budget:]
+        reserve = -(-max(1, len(line_ids)) // 32) * 32
+        room = max(0, budget - reserve)
+        window = head[-room * 8:] if len(head) > room * 8 else head
         ids, offsets = self.tokenizer.encode_with_offsets(window)
-        if len(ids) <= budget and len(window) == len(prefix):
-            return ids
-        first_kept = offsets[len(ids) - budget][0] if len(ids) > budget else 0  # the earliest character that fits
-        base_line = prefix.count("\n", 0, len(prefix) - len(window))
-        quantum = max(1, self.settings.prefix_quantum_lines)
-        start = window.find("\n", max(0, first_kept - 1))
-        line = base_line + window.count("\n", 0, start + 1) if start >= 0 else None
-        while start >= 0:
-            if (line or 0) % quantum == 0:
-                ids = self.tokenizer.encode(window[start + 1:])
-                if len(ids) <= budget:
-                    return ids
-            start = window.find("\n", start + 1)
-            line = (line or 0) + 1
-        return self.tokenizer.encode(window[-budget * 2:])[-budget:]  # one huge line
+        if len(ids) <= room and len(window) == len(head):
+            start = 0
+        else:
+            first_fit = offsets[len(ids) - room][0] if len(ids) > room else 0
+            start = window.find("\n", max(0, first_fit - 1)) + 1 if first_fit > 0 else 0
+            start += len(head) - len(window)
+            quantum = max(1, self.settings.prefix_quantum_lines)
+            while 0 < start < len(head) and head.count("\n", 0, start) % quantum:
+                start = head.find("\n", start) + 1
+            start = start if 0 < start <= len(head) else len(head)
+        while True:
+            ids = self.tokenizer.encode(prefix[start:])
+            if len(ids) <= budget or start >= line_start:
+                return ids[-budget:]
+            start = head.find("\n", start) + 1 or line_start
 
     def _budget_suffix(self, suffix: str, budget: int) -> list[int]:
         window = suffix[: budget * 8]

@@ -180,7 +180,6 @@ class Denoise:
         done = [False] * rows
         row_steps = [0] * rows
         critic_remasked = confidence_remasked = 0
-        max_steps = s.steps or width
         step = 0
         while not all(done):
             if self.cancel is not None and self.cancel():
@@ -212,7 +211,7 @@ class Denoise:
                 offset += n
                 pos = selected[sl, 1]
                 is_masked = masked[r, pos]
-                if s.remask_below is not None and current is not None and step + 1 < max_steps:
+                if s.remask_below is not None and current is not None and (s.steps is None or step + 1 < s.steps):
                     committed = ~is_masked
                     weak = committed & (current[sl] < s.remask_below) & (remasks[r, pos] < s.max_remasks_per_position)
                     if bool(weak.any()):

@@ -39,12 +39,22 @@ class Tokenizer:
             raise TokenizerError(f"cannot read tokenizer {path}: {exc}") from exc
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        return self._encode(text).ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and the (start, end) character span of each token in ``text``."""
-        encoding = self.hf.encode(text, add_special_tokens=False)
+        encoding = self._encode(text)
         return encoding.ids, encoding.offsets
+
+    def _encode(self, text: str):
+        try:
+            return self.hf.encode(text, add_special_tokens=False)
+        except TypeError as exc:  # the Rust side's answer to anything that is not valid Unicode text
+            if not isinstance(text, str):
+                raise TokenizerError(f"expected text, got {type(text).__name__}") from exc
+            bad = next((i for i, ch in enumerate(text) if 0xD800 <= ord(ch) <= 0xDFFF), None)
+            where = f" (a lone surrogate at character {bad})" if bad is not None else ""
+            raise TokenizerError(f"the text is not valid Unicode{where}") from exc
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
