@@ -161,10 +161,17 @@ def _print_totals(report: dict, comparison: reports.Comparison | None) -> None:
         print(f"{len(comparison.pass_to_fail)} cases went from pass to fail, {len(comparison.fail_to_pass)} from fail to pass")
 
 
+def _log_level(args: argparse.Namespace) -> None:
+    """--log-level given after ``eval`` (difill's CLI only sees the ones before it)."""
+    if args.log_level:
+        logging.getLogger().setLevel(getattr(logging, args.log_level.upper(), logging.WARNING))
+
+
 def cmd_eval(argv: list[str], defaults: argparse.Namespace | None) -> int:
     from difill.evaluation.runner import Settings, evaluate
 
     args = eval_parser().parse_args(argv)
+    _log_level(args)
     for spec in args.tolerance:
         try:
             reports.parse_tolerance(spec)
@@ -230,6 +237,7 @@ def cmd_repo(argv: list[str], defaults: argparse.Namespace | None) -> int:
     from difill.evaluation.repo import RepoError, RepoSettings, evaluate_repo
 
     args = repo_parser().parse_args(argv)
+    _log_level(args)
     if args.holes < 1:
         raise UsageError("--holes must be at least 1")
     engine = _load_engine(args, defaults)
