@@ -232,10 +232,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"difill {__version__}: {engine.name} ({engine.n_params / 1e6:.1f}M parameters, {engine.backend}, {engine.device})")
     print(f"completing {path} at the {CURSOR_MARK} mark\n")
     shown_prefix = "\n".join(prefix.split("\n")[-8:])
+    start, end = ("\033[1;32m", "\033[0m") if sys.stdout.isatty() else ("", "")
     for mode in ("line", "block"):
         result = engine.infill(InfillRequest(prefix=prefix, suffix=suffix, path=path, mode=mode))
         print(f"--- {mode} completion: {result.tokens} tokens, {result.steps} steps, {result.latency_ms:.0f} ms")
-        print(shown_prefix + "\033[1;32m" + result.completion + "\033[0m" + suffix.split("\n")[0])
+        print(shown_prefix + start + result.completion + end + suffix.split("\n")[0])
         print()
     return 0
 
