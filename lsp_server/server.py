@@ -60,7 +60,18 @@ class DifillProtocol(LanguageServerProtocol):
             self._server.service.counters.cancelled += 1
         return super()._handle_cancel_notification(msg_id)
 
+    def handle_message(self, message):
+        method = getattr(message, "method", None)
+        if self._shutdown and method is not None and method != types.EXIT and getattr(message, "id", None) is not None:
+            # pygls drops these silently; the client would wait forever
+            self._send_response(message.id, error=types.ResponseError(code=-32600, message=f"{method}: the server is shutting down"))
+            return None
+        return super().handle_message(message)
+
     def _handle_request(self, msg_id, method_name: str, params: Any):
+        if not self._server.initialized and method_name != types.INITIALIZE:
+            self._send_response(msg_id, error=types.ResponseError(code=-32002, message=f"{method_name}: the server is not initialized yet"))
+            return None
         # pygls runs this inside a fresh context; tasks created for the handler inherit it.
         uri = _uri_of(params)
         if uri is not None:

@@ -255,3 +255,17 @@ def test_tcp_transport() -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_requests_before_initialize_and_after_shutdown_get_errors() -> None:
+    c = LspClient(args=["--model", MISSING_MODEL], log_level="WARNING")
+    try:
+        assert c.response(c.send_request("difill/status", {}))["error"]["code"] == -32002
+        c.initialize(None, wait_ready=False)
+        assert c.request("shutdown", None) is None
+        assert c.response(c.send_request("difill/status", {}))["error"]["code"] == -32600
+        c.notify("exit")
+        assert c.process.wait(60) == 0
+    finally:
+        if c.process.poll() is None:
+            c.process.kill()
