@@ -97,6 +97,7 @@ class InfillResult:
     language: str | None
     cached_tokens: int = 0  # context tokens reused from the cache
     parse_ms: float = 0.0  # time the syntax critic spent parsing
+    syntax_valid: bool | None = None  # the constraint's final check of completion (None: not checked)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -119,6 +120,7 @@ class EngineSettings:
     fill_after_end: bool = True  # an end-of-infill token fills the rest of its canvas at once
     threads: int | None = None  # torch CPU threads; None: 1 for small models (Engine.load), else torch's default
     use_kernels: bool = True  # CUDA only: the fused kernels of difill.kernels when they are installed
+    onnx_int8: bool = False  # --backend onnx on the CPU: int8 weights (bench/README.md: speed and agreement)
 
 
 class TorchDenoiser:
@@ -403,14 +405,41 @@ class Engine:
     def _result(self, job: _Job) -> InfillResult:
         grammars = _grammars()
         request = job.request
+        finishing = time.perf_counter()
         texts = []
         for ids in job.outputs:
             text = self.tokenizer.decode(ids)
             texts.append(grammars.trim_completion(request.prefix, text, request.suffix, job.language, job.mode))
-        latency = job.latency_ms or (time.perf_counter() - job.start) * 1000
+        syntax_valid = self._check_syntax(job, texts) if job.critics else None
+        # Trimming and the final check are part of the wait, so they count in the latency.
+        latency = (job.latency_ms or (finishing - job.start) * 1000) + (time.perf_counter() - finishing) * 1000
         parse_ms = sum(getattr(c, "parse_seconds", 0.0) for c in job.critics if c is not None) * 1000
         return InfillResult(texts[0], texts, job.steps, sum(len(o) for o in job.outputs), round(latency, 2), job.mode,
-                            getattr(job.language, "name", None), job.state["reused"], round(parse_ms, 3))
+                            getattr(job.language, "name", None), job.state["reused"], round(parse_ms, 3), syntax_valid)
+
+    @staticmethod
+    def _check_syntax(job: _Job, texts: list[str]) -> bool:
+        """The syntax constraint's last word on the trimmed texts, which may still break the file
+        (a review budget or the step cap ran out, or trimming cut them). An invalid first text
+        gives way to a valid candidate, else to its longest prefix that adds no new error; other
+        invalid candidates are cut back the same way. An empty text adds nothing and is valid.
+        Returns whether texts[0] is valid now (False: it is returned anyway, and counted)."""
+        critics = job.critics
+        valid = [not text.strip() or critics[k].is_valid(text) for k, text in enumerate(texts)]
+        if not valid[0]:
+            other = next((k for k in range(1, len(texts)) if valid[k] and texts[k].strip()), None)
+            if other is not None:
+                texts.insert(0, texts.pop(other))
+                valid.insert(0, valid.pop(other))
+        for k, text in enumerate(texts):
+            if not valid[k]:
+                shorter = critics[k].longest_valid_prefix(text)
+                if shorter is not None:
+                    texts[k], valid[k] = shorter, True
+        if not valid[0] and not critics[0].is_valid(texts[0]):  # is_valid again: its problems, for the log
+            log.info("completion still adds a syntax error after the constraint: %r (%s)", texts[0],
+                     "; ".join(p.reason for p in critics[0].last_problems))
+        return valid[0]
 
     def _sampler_settings(self, steps: int | None) -> SamplerSettings:
         s = self.settings
@@ -436,7 +465,9 @@ class Engine:
             rows = len(lens)
             is_end = active[0].is_end if all(j.is_end is active[0].is_end for j in active) else \
                 torch.stack([j.is_end for j in active for _ in range(j.rows)])
-            critics = [critic for j in active for critic in (j.critics or [None] * j.rows)]
+            # A later block goes on from the earlier ones: its critic judges them + the canvas.
+            critics = [critic.continued([self.tokenizer.piece(t) for t in j.outputs[k]]) if critic is not None and j.outputs[k]
+                       else critic for j in active for k, critic in enumerate(j.critics or [None] * j.rows)]
             confidence_fn = None
             if self.use_kernels and self.block_layout and len(active) == 1 and self.denoiser.name == "torch":
                 from difill.kernels.hooks import make_confidence_fn  # difill.kernels (issue 9): no logits on the host

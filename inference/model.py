@@ -190,18 +190,14 @@ def attention_mask(queries: int, past: int, causal: bool, key_valid: torch.Tenso
     of batched canvases). Every query always sees itself so that no softmax row is empty (NaN).
     Returns None when nothing is hidden (the fastest attention path).
     """
-    total = past + queries
     if not causal and key_valid is None:
         return None
-    if causal:
-        q_pos = torch.arange(queries, device=device)[:, None] + past
-        mask = torch.arange(total, device=device)[None, :] <= q_pos  # [T, past + T]
-    else:
-        mask = torch.ones(queries, total, dtype=torch.bool, device=device)
+    # Index arithmetic rather than tril/eye: it exports to ONNX with dynamic lengths.
+    q_index = torch.arange(queries, device=device)[:, None] + past  # each query's own index among the keys
+    k_index = torch.arange(past + queries, device=device)[None, :]
+    mask = k_index <= q_index if causal else torch.ones_like(k_index - q_index, dtype=torch.bool)
     if key_valid is not None:
-        itself = torch.zeros(queries, total, dtype=torch.bool, device=device)
-        itself[:, past:] = torch.eye(queries, dtype=torch.bool, device=device)
-        mask = (mask[None] & key_valid[:, None, :]) | itself[None]
+        mask = (mask[None] & key_valid[:, None, :]) | (k_index == q_index)[None]
         return mask[:, None]  # [B, 1, T, past + T]
     return mask
 
