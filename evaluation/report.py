@@ -195,6 +195,9 @@ def summary_markdown(report: dict, comparison: Comparison | None = None, max_lis
         lines.append("")
     lines += _table({"all": report["metrics"]}, "run") + ["", "## By kind", ""] + _table(report["by_kind"], "kind")
     lines += ["", "## By language", ""] + _table(report["by_language"], "language")
+    crossed = report.get("by_kind_language") or {}
+    if 1 < len(crossed) <= 48 and len(crossed) > max(len(report["by_kind"]), len(report["by_language"])):
+        lines += ["", "## By kind and language", ""] + _table(crossed, "kind/language")
     if comparison is not None:
         lines += ["", "## Against the baseline", ""]
         lines.append("**Regressed**: " + ", ".join(f"`{r['metric']}` {r['baseline']} → {r['current']} (tolerance {r['tolerance']})"

@@ -4,6 +4,7 @@ that skip generated, minified and vendored files; and the committed FIM set."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -193,6 +194,7 @@ def test_language_and_kind_filters(tree):
         mine(tree, n=3, kinds=["paragraph"])
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_git_repository_mines_tracked_files_only(tree, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
