@@ -74,9 +74,10 @@ def test_initialize_advertises_capabilities(client: LspClient) -> None:
 
 
 def test_model_load_reports_work_done_progress(client: LspClient) -> None:
+    # The client sends `initialized` right after the initialize answer, long before the model
+    # (torch import included) is loaded, so there is always a load to report.
     creates = [r for r in client.server_requests if r["method"] == "window/workDoneProgress/create"]
-    if not creates:  # the model was ready before `initialized` arrived: no progress to show
-        return
+    assert len(creates) == 1
     token = creates[0]["params"]["token"]
     kinds = [n["params"]["value"]["kind"] for n in client.notifications if n["method"] == "$/progress" and n["params"]["token"] == token]
     assert kinds[0] == "begin" and kinds[-1] == "end"
@@ -240,8 +241,8 @@ def test_cancel_request_stops_denoising(client: LspClient) -> None:
               "options": {"progress": True, "mode": "block", "steps": 64, "maxTokens": 256, "constrainSyntax": False}}
     full = client.request("difill/infill", {**params, "progressToken": "full"})
     full_steps = full["stats"]["steps"]
-    if full_steps < 8:
-        pytest.skip(f"the model ends this infill after {full_steps} steps: too few to cancel in the middle")
+    if full_steps < 8 or full["stats"]["latencyMs"] < 200:
+        pytest.skip(f"this infill ends after {full_steps} steps in {full['stats']['latencyMs']} ms: too soon to cancel it mid-run reliably")
     msg_id = client.send_request("difill/infill", {**params, "progressToken": "cut"})
     client.wait_notification("difill/progress", lambda m: m["params"]["token"] == "cut")
     client.cancel(msg_id)
