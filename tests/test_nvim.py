@@ -167,7 +167,7 @@ def test_e2e_model_loads_and_manual_trigger_shows_ghost_text(e2e):
 @pytest.mark.slow
 def test_e2e_automatic_trigger_type_through_and_accept(e2e):
     scenario = e2e["scenarios"]["auto"]
-    assert "none" not in scenario, "typing did not bring a suggestion where the manual trigger did"
+    assert "none" not in scenario, f"typing did not bring a suggestion where the manual trigger did: {scenario}"
     shown = scenario["shown"]
     check_shown(shown)
     before = shown

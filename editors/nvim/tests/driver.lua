@@ -99,6 +99,7 @@ function Child:snapshot()
       marks = #marks,
       mark_pos = mark_pos or vim.NIL,
       virt_text_pos = virt_text_pos or vim.NIL,
+      pending = difill.is_pending(),
     }
   ]])
 end

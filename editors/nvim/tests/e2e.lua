@@ -52,20 +52,16 @@ end
 
 local child = driver.start({ cwd = config.workdir })
 
-local function pending()
-  return child:lua("return require('difill').is_pending()")
-end
-
 --- After a trigger: the snapshot with ghost text, or nil once the request ended with none.
 local function wait_ghost(timeout_ms)
   local started = vim.uv.now()
   local seen_pending = false
   return child:wait('a suggestion or an empty answer', timeout_ms, function()
-    local snap = child:snapshot()
+    local snap = child:snapshot() -- ghost and pending from one call: no answer can slip between them
     if snap.ghost ~= vim.NIL then
       return snap
     end
-    if pending() then
+    if snap.pending then
       seen_pending = true
     elseif seen_pending or vim.uv.now() - started > 3000 then
       return 'none'
@@ -153,7 +149,11 @@ local ok, err = xpcall(function()
     child:input(key_for(last))
     local shown = wait_ghost(30000)
     if shown == 'none' then
-      result.scenarios.auto = { none = true }
+      result.scenarios.auto = { none = true, server = child:lua([[
+        local client = require('difill').get_client(0)
+        local response = client:request_sync('difill/status', vim.empty_dict(), 5000, 0)
+        return response and response.result and response.result.lastRequest or vim.NIL
+      ]]), buffer = child:snapshot() }
     else
       local scenario = { shown = shown }
       local first = shown.ghost:sub(1, 1)

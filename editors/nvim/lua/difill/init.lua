@@ -52,6 +52,8 @@ local state = {
   pending = nil,
   seq = 0,
   timer = nil,
+  --- an automatic request is waiting for its timer
+  scheduled = false,
   augroup = nil,
   --- what the status line shows: state is starting, loading, ready, error or stopped
   status = { state = 'stopped', message = '' },
@@ -127,6 +129,7 @@ local function clear()
 end
 
 local function cancel_pending()
+  state.scheduled = false
   if state.timer then
     state.timer:stop()
   end
@@ -229,7 +232,7 @@ end
 --- Whether an inline-completion request is waiting for the server (for statusline spinners).
 ---@return boolean
 function M.is_pending()
-  return state.pending ~= nil or (state.timer ~= nil and state.timer:is_active())
+  return state.pending ~= nil or state.scheduled
 end
 
 --- The text not yet typed of the suggestion on show (nil when none is shown). For statuslines,
@@ -369,7 +372,9 @@ local function schedule_request()
   state.timer:stop()
   local bufnr = api.nvim_get_current_buf()
   local tick = api.nvim_buf_get_changedtick(bufnr)
+  state.scheduled = true
   state.timer:start(COALESCE_MS, 0, vim.schedule_wrap(function()
+    state.scheduled = false
     -- Typing went on, the buffer changed or insert mode ended: this request is stale.
     if not state.enabled or api.nvim_get_current_buf() ~= bufnr or not in_insert_mode()
       or api.nvim_buf_get_changedtick(bufnr) ~= tick then
