@@ -35,7 +35,7 @@ from difill.lsp_server.transport import Dispatcher, Writer, start_reader
 
 log = logging.getLogger(__name__)
 
-INFILL, STATUS, PROGRESS, PARTIAL_ACCEPT, ACCEPT = "difill/infill", "difill/status", "difill/progress", "difill/didPartiallyAccept", "difill.accept"
+INFILL, STATUS, PARTIAL_ACCEPT, ACCEPT = "difill/infill", "difill/status", "difill/didPartiallyAccept", "difill.accept"
 
 
 # The document a request refers to, as it was when the request arrived. Handlers run as tasks
@@ -122,8 +122,11 @@ class DifillServer(LanguageServer):
             running = None
         if running is loop:
             fn(*args)
-        else:
+            return
+        try:
             loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop closed meanwhile: the server is exiting
+            pass
 
     def notify(self, method: str, params: Any) -> None:
         self._on_loop(self.protocol.notify, method, params)

@@ -159,7 +159,7 @@ class Service:
     def did_close(self, uri: str) -> None:
         self.documents.close(uri)
         self.typing_cache.forget(uri)
-        self.debouncer.forget(uri)
+        self.debouncer.forget("doc:" + uri)
         token = self.inflight.pop("doc:" + uri, None)
         if token is not None:
             token.cancel("superseded")
