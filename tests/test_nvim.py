@@ -127,6 +127,7 @@ def expand_tabs(line: str, start: int, tabstop: int = 8) -> str:
 def check_shown(snap: dict) -> str:
     """A suggestion on show: its extmark sits at the cursor and shows exactly its text
     (first line inline, the others as virtual lines)."""
+    assert snap != "none", "the server answered with no item where it had answered with one before"
     ghost = snap["ghost"]
     assert isinstance(ghost, str) and ghost, snap
     assert snap["mode"] == "i"
