@@ -453,7 +453,8 @@ function M.accept(what)
     end
   else
     if client then
-      notify_partial(client, bufnr, item, #item.text - #ghost + #piece)
+      -- acceptedLength counts characters (code points) from the item's start, not bytes.
+      notify_partial(client, bufnr, item, vim.fn.strchars(item.text:sub(1, #item.text - #ghost + #piece)))
     end
     refresh()
   end
