@@ -51,6 +51,9 @@ class SamplerSettings:
     remask_below: float | None = None
     temperature: float = 0.0  # 0: greedy (deterministic); > 0 samples, for extra candidates
     max_reviews_per_position: int = 3
+    # Where the critic rejects a token, up to this many next-best tokens of the same step are
+    # tried in its place before the position is masked again (0: mask at once).
+    review_alternatives: int = 8
     max_remasks_per_position: int = 2
     # End tokens grow leftwards from a committed end token in the same step while the model's
     # choice there is an end token this likely (None: off). Canvases end in a run of end tokens
@@ -174,6 +177,10 @@ class Denoise:
         reviews = torch.zeros(rows, width, dtype=torch.long)
         remasks = torch.zeros(rows, width, dtype=torch.long)
         self._forbidden: torch.Tensor | None = None
+        # For the critic: this step's best tokens at the selected positions (its second choices),
+        # and per row the committed positions past a gap, to be judged once the gap is filled.
+        self._ranked: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._unreviewed: list[set[int]] = [set() for _ in range(rows)]
         use_confidence = self.confidence_fn is not None and not any(sampled) and s.remask_below is None
         if not use_confidence and self.logits_fn is None:
             raise ValueError("Denoise needs a logits_fn for sampled rows or re-masking")
@@ -277,9 +284,18 @@ class Denoise:
         if self._forbidden is not None and bool((reviews[select] > 0).any()):
             vetoed = self._forbidden[select]  # [N, V]
             logits.masked_fill_(vetoed.to(logits.device), float("-inf"))
-        logits = logits.cpu()
+        # The arithmetic runs where the logits are (the GPU): only [N]-sized results reach the host.
         probs = torch.softmax(logits, dim=-1)
+        if self.critics:  # where the critic rejects a token, the next best ones stand in (see _review)
+            top = probs.topk(min(s.review_alternatives + 1, probs.shape[-1]), dim=-1)
+            self._ranked = (select, (top.values.cpu(), top.indices.cpu()))
         token_prob, tokens = probs.max(dim=-1)
+        scores = token_prob if s.policy == "confidence" else score(probs, s.policy)
+        current = None
+        if s.remask_below is not None:
+            committed = canvas[select].clamp(0, probs.shape[-1] - 1).to(probs.device)
+            current = probs.gather(-1, committed[:, None])[:, 0].cpu()
+        token_prob, tokens, scores = token_prob.cpu(), tokens.cpu(), scores.cpu()
         if any(sampled):
             rows_of = select.nonzero()[:, 0]
             gens = self.generators
@@ -290,14 +306,14 @@ class Denoise:
                 if len(idx) == 0:
                     continue
                 gen = gens[r] if gens is not None else self.generator
-                tempered = torch.softmax(logits[idx] / s.temperature, dim=-1)
+                row_logits = logits[idx.to(logits.device)].cpu()  # the generators are CPU generators
+                tempered = torch.softmax(row_logits / s.temperature, dim=-1)
                 draw = torch.multinomial(tempered, 1, generator=gen)[:, 0]
+                row_probs = torch.softmax(row_logits, dim=-1)
                 tokens[idx] = draw
-                token_prob[idx] = probs[idx].gather(-1, draw[:, None])[:, 0]
-        scores = token_prob if s.policy == "confidence" else score(probs, s.policy)
-        current = None
-        if s.remask_below is not None:
-            current = probs.gather(-1, canvas[select].clamp(0, probs.shape[-1] - 1)[:, None])[:, 0]
+                token_prob[idx] = row_probs.gather(-1, draw[:, None])[:, 0]
+                if s.policy == "confidence":
+                    scores[idx] = token_prob[idx]
         return tokens, token_prob, scores, current
 
     def _grow_end_run(self, row: torch.Tensor, is_end: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor,
@@ -331,26 +347,75 @@ class Denoise:
         return self._forbidden
 
     def _review(self, canvas: torch.Tensor, newly: list[list[int]], reviews: torch.Tensor, is_end: torch.Tensor) -> int:
-        """Ask each row's critic about the tokens committed this step; re-mask what it rejects."""
+        """Ask each row's critic about the tokens committed this step (and about those committed
+        earlier past a gap, once it is filled). A rejected token is forbidden at its position and
+        the next best token of this step's prediction there takes its place and is reviewed in
+        turn (``review_alternatives`` rounds at most, no model call); where none is left, the
+        position is masked again and predicted afresh next step. Returns the rejections."""
         if not self.critics or self.piece is None:
             return 0
         count = 0
         for r, critic in enumerate(self.critics):
-            if r >= canvas.shape[0] or critic is None or not newly[r]:
+            if r >= canvas.shape[0] or critic is None:
                 continue
-            row = canvas[r].tolist()
-            e = first_end(canvas[r], is_end[r], self.mask_id)
-            upto = e if e is not None else len(row)
-            pieces = [None if t == self.mask_id else self.piece(t) for t in row[:upto]]
-            candidates = [p for p in newly[r] if p < upto and int(reviews[r, p]) < self.settings.max_reviews_per_position]
-            if not candidates:
-                continue
-            for p in critic.review(pieces, candidates, e is not None):
-                if p in candidates:
+            changed = set(newly[r]) | self._unreviewed[r]
+            rounds = 0
+            while changed:
+                rejected = self._judge_row(critic, canvas, r, changed, reviews, is_end)
+                changed = set()
+                for p in rejected:
                     if self._forbidden is None:
                         self._forbidden = torch.zeros(canvas.shape[0], canvas.shape[1], self.banned.shape[0], dtype=torch.bool)
-                    self._forbidden[r, p, row[p]] = True
-                    reviews[r, p] += 1
-                    canvas[r, p] = self.mask_id
+                    self._forbidden[r, p, int(canvas[r, p])] = True
                     count += 1
+                    alternative = self._alternative(r, p) if rounds < self.settings.review_alternatives else None
+                    if alternative is None:
+                        reviews[r, p] += 1
+                        canvas[r, p] = self.mask_id
+                    else:
+                        canvas[r, p] = alternative
+                        changed.add(p)
+                rounds += 1
         return count
+
+    def _judge_row(self, critic: Critic, canvas: torch.Tensor, r: int, changed: set[int], reviews: torch.Tensor,
+                   is_end: torch.Tensor) -> list[int]:
+        """One review of row r: the positions among ``changed`` that the critic rejects.
+
+        Only the committed run from the start of the canvas can be judged: changed positions past
+        a gap wait in ``_unreviewed``. The ended state is reviewed too, with the end token as a
+        position of its own (its text before the line break, "" for end-of-infill): the critic
+        blames it when the text may not end there (`foo(a` + end), and another token goes there.
+        Not for a blank infill (an empty completion adds nothing), and at most
+        ``max_reviews_per_position`` end vetoes per row, so that an infill cannot grow forever.
+        """
+        limit = self.settings.max_reviews_per_position
+        row = canvas[r].tolist()
+        e = first_end(canvas[r], is_end[r], self.mask_id)
+        upto = e if e is not None else len(row)
+        pieces = [None if t == self.mask_id else self.piece(t) for t in row[:upto]]
+        run = pieces.index(None) if None in pieces else upto
+        self._unreviewed[r] = {p for p in changed if p >= run and p != e and row[p] != self.mask_id and not is_end[r][row[p]]}
+        candidates = [p for p in sorted(changed) if p < run and int(reviews[r, p]) < limit]
+        if e is not None and (candidates or e in changed):
+            pieces.append(self.piece(row[e]).split("\n", 1)[0])
+            vetoed_ends = 0 if self._forbidden is None else int(self._forbidden[r][:, is_end[r]].sum())
+            if "".join(pieces).strip() and int(reviews[r, e]) < limit and vetoed_ends < limit:
+                candidates.append(e)
+        if not candidates:
+            return []
+        return [p for p in critic.review(pieces, candidates, e is not None) if p in candidates]
+
+    def _alternative(self, r: int, p: int) -> int | None:
+        """The best token of this step's prediction at (r, p) that is neither banned nor forbidden
+        there (None: no prediction was made there this step, or none is left)."""
+        if self._ranked is None:
+            return None
+        select, (probs, tokens) = self._ranked
+        if not bool(select[r, p]):
+            return None
+        index = int(select[:r].sum()) + int(select[r, :p].sum())
+        for prob, token in zip(probs[index].tolist(), tokens[index].tolist()):
+            if prob > 0 and not bool(self._forbidden[r, p, token]):
+                return token
+        return None
