@@ -51,6 +51,11 @@ def is_test_file(rel: str) -> bool:
     return bool(TEST_FILE.search(rel))
 
 
+def is_hole_candidate(rel: str) -> bool:
+    """Code the tests run: not the tests, and not type stubs (``.pyi``), which never execute."""
+    return not is_test_file(rel) and not rel.endswith(".pyi")
+
+
 def _run_tests(copy: Path, settings: RepoSettings) -> sandbox.RunResult:
     python_path = ":".join(str(p) for p in (copy, copy / "src") if p.is_dir())
     return sandbox.run([settings.test_cmd], copy, settings.limits, shell=True, inherit_env=True,
@@ -75,7 +80,7 @@ def evaluate_repo(path: str | Path, engine, settings: RepoSettings, progress: bo
                             f"{(baseline.stdout + baseline.stderr).strip()[-800:]}")
         log.info("tests pass on the unmodified copy in %.1f s", baseline.seconds)
         holes, texts = mine_holes(copy, n=settings.holes, seed=settings.seed, kinds=settings.kinds,
-                                  languages=settings.languages, include=lambda rel: not is_test_file(rel))
+                                  languages=settings.languages, include=is_hole_candidate)
         if not holes:
             raise RepoError(f"{source}: no source files to punch holes in (outside the tests, in a supported language)")
         bar = Progress(len(holes), enabled=progress)

@@ -177,3 +177,12 @@ def test_repo_mode_refuses_a_repository_whose_tests_already_fail(repo):
     with pytest.raises(RepoError, match="fails on the unmodified repository"):
         evaluate_repo(repo, engine=None, settings=RepoSettings(test_cmd=TEST_CMD, holes=1, limits=Limits(timeout_s=120)),
                       progress=False)
+
+
+def test_holes_go_in_code_the_tests_run():
+    from difill.evaluation.repo import is_hole_candidate
+
+    assert is_hole_candidate("pkg/core.py") and is_hole_candidate("src/lib.rs")
+    for rel in ("tests/test_core.py", "test_core.py", "pkg/conftest.py", "web/app.test.js", "cmd/main_test.go",
+                "pkg/core.pyi", "src/__tests__/a.ts"):
+        assert not is_hole_candidate(rel), rel
