@@ -53,6 +53,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ar_weight: float = 0.5
     ar_positions: int = 64
+    eoi_pad_weight: float = 0.1  # loss weight of the <|eoi|> padding after the first one
     min_mask_rate: float = 0.05
     threads: int = 0
     bf16: bool = True
@@ -120,7 +121,12 @@ def diffusion_loss(model: Transformer, context: torch.Tensor, canvas: torch.Tens
         canvas_logits = model.logits(hidden[:, c: c + m][masked])
         canvas_logits[:, MASK] = float("-inf")
         ce = F.cross_entropy(canvas_logits, canvas[masked], reduction="none")
-        weights = (1.0 / t)[:, None].expand(b, m)[masked]
+        # The <|eoi|> tokens after the first one only pad the canvas: at full weight they make up
+        # most of the targets and an undertrained model learns "end everywhere" (empty infills).
+        is_end = canvas == EOI
+        padding = is_end & (is_end.cumsum(dim=1) > 1)
+        position_weight = torch.where(padding, cfg.eoi_pad_weight, 1.0)
+        weights = ((1.0 / t)[:, None] * position_weight)[masked]
         canvas_loss = (ce * weights).sum() / (b * m)
         # Next-token loss on the last ar_positions context tokens only: the output head over
         # the whole context would cost a third of the step for little extra signal.
