@@ -62,12 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     infill.add_argument("--input", default="-", help="JSON Lines file (default: stdin)")
     infill.add_argument("--output", default="-", help="JSON Lines file (default: stdout)")
     infill.add_argument("--batch-size", type=int, default=8, help="cases denoised together (default 8)")
+    infill.add_argument("--endpoint", metavar="URL", help="complete on a difill serve-model service instead of "
+                        "the local model (bearer token: $DIFILL_API_TOKEN)")
 
     info = sub.add_parser("info", parents=[parent], help="version, model, backend, device and languages")
     info.add_argument("--json", action="store_true")
 
     demo = sub.add_parser("demo", parents=[parent], help=f"complete a sample file at its {CURSOR_MARK} mark")
     demo.add_argument("file", nargs="?", help=f"a file containing {CURSOR_MARK} (default: a bundled Python sample)")
+
+    serve_model = sub.add_parser("serve-model", parents=[parent], help="HTTP inference service: OpenAI-style "
+                                 "completions, requests batched across clients, optionally on Ray Serve")
+    try:
+        from difill.service import add_arguments as add_service_arguments
+    except ImportError:  # an install without difill.service: the subcommand says so when run
+        serve_model.set_defaults(service_missing=True)
+    else:
+        add_service_arguments(serve_model)
 
     sub.add_parser("eval", parents=[parent], add_help=False, help="fill-in-the-middle regression tests (difill eval --help)")
     return parser
@@ -180,7 +191,12 @@ def cmd_infill(args: argparse.Namespace) -> int:
     time in one forward pass per step; a bad line gets an ``error`` and the others still run."""
     source: TextIO = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     sink: TextIO = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
-    engine = load_engine(args)
+    if args.endpoint:
+        from difill.service.client import RemoteEngine
+
+        engine = RemoteEngine(args.endpoint)
+    else:
+        engine = load_engine(args)
 
     def flush(chunk: list[tuple[int, str]]) -> None:
         parsed: list[dict | tuple] = []
@@ -301,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return run(model=getattr(args, "model", None), backend=getattr(args, "backend", "torch"),
                        device=getattr(args, "device", "cpu"), tcp=args.tcp, log_file=args.log_file) or 0
+        if args.command == "serve-model":
+            if getattr(args, "service_missing", False):
+                raise UserError("serve-model: difill.service is not installed (reinstall difill)")
+            from difill.service import main as serve_model_main
+
+            return serve_model_main(args)
         return {"complete": cmd_complete, "infill": cmd_infill, "info": cmd_info, "demo": cmd_demo}[args.command](args)
     except UserError as exc:
         print(f"difill: {exc}", file=sys.stderr)

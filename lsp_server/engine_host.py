@@ -98,7 +98,12 @@ class EngineHost:
 
             start = time.perf_counter()
             try:
-                engine = Engine.load(model, backend=backend, device=device)
+                if model and model.startswith(("http://", "https://")):  # a `difill serve-model` service
+                    from difill.service.client import RemoteEngine
+
+                    engine = RemoteEngine(model)
+                else:
+                    engine = Engine.load(model, backend=backend, device=device)
             except (ModelLoadError, ValueError, OSError, RuntimeError, ImportError) as exc:
                 return FAILED, f"cannot load the model: {exc}"
             self.load_ms = (time.perf_counter() - start) * 1000
