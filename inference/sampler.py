@@ -181,6 +181,9 @@ class Denoise:
         # and per row the committed positions past a gap, to be judged once the gap is filled.
         self._ranked: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._unreviewed: list[set[int]] = [set() for _ in range(rows)]
+        # and the last token of an unfinished run, which only the next one shows right or wrong
+        # (`.` of `.5`): the critic's errors on it then count as rejections (last_blamed_old).
+        self._provisional: list[set[int]] = [set() for _ in range(rows)]
         use_confidence = self.confidence_fn is not None and not any(sampled) and s.remask_below is None
         if not use_confidence and self.logits_fn is None:
             raise ValueError("Denoise needs a logits_fn for sampled rows or re-masking")
@@ -386,8 +389,9 @@ class Denoise:
         a gap wait in ``_unreviewed``. The ended state is reviewed too, with the end token as a
         position of its own (its text before the line break, "" for end-of-infill): the critic
         blames it when the text may not end there (`foo(a` + end), and another token goes there.
-        Not for a blank infill (an empty completion adds nothing), and at most
-        ``max_reviews_per_position`` end vetoes per row, so that an infill cannot grow forever.
+        Not for a blank infill (an empty completion adds nothing); after
+        ``max_reviews_per_position`` end vetoes in a row the last token before the end is
+        rejected instead, so that an infill cannot grow forever.
         """
         limit = self.settings.max_reviews_per_position
         row = canvas[r].tolist()
@@ -397,14 +401,34 @@ class Denoise:
         run = pieces.index(None) if None in pieces else upto
         self._unreviewed[r] = {p for p in changed if p >= run and p != e and row[p] != self.mask_id and not is_end[r][row[p]]}
         candidates = [p for p in sorted(changed) if p < run and int(reviews[r, p]) < limit]
+        retreat = False
         if e is not None and (candidates or e in changed):
             pieces.append(self.piece(row[e]).split("\n", 1)[0])
-            vetoed_ends = 0 if self._forbidden is None else int(self._forbidden[r][:, is_end[r]].sum())
-            if "".join(pieces).strip() and int(reviews[r, e]) < limit and vetoed_ends < limit:
+            if "".join(pieces).strip() and int(reviews[r, e]) < limit:
                 candidates.append(e)
+                # Out of end vetoes: the infill may grow no further, so where it may not end
+                # either, its last token goes instead (`.` + end: the `.` is tried again).
+                retreat = self._forbidden is not None and int(self._forbidden[r][:, is_end[r]].sum()) >= limit
+        provisional = {p for p in self._provisional[r] if p < run}
+        self._provisional[r] = provisional
         if not candidates:
             return []
-        return [p for p in critic.review(pieces, candidates, e is not None) if p in candidates]
+        rejected = [p for p in critic.review(pieces, candidates, e is not None) if p in candidates]
+        if retreat and e in rejected:
+            rejected.remove(e)
+            last = max((p for p in range(e) if pieces[p].strip()), default=None)
+            if last is not None and last not in rejected and int(reviews[r, last]) < limit:
+                rejected.append(last)
+        if not rejected:
+            # Errors on earlier tokens: on a provisional one, or on any once the infill has ended
+            # (it is about to be final), they are rejections too.
+            old = getattr(critic, "last_blamed_old", ())
+            rejected = [p for p in old if (p in provisional or e is not None) and int(reviews[r, p]) < limit]
+        # A provisional token is settled by the first review after it that rejects nothing.
+        self._provisional[r] = provisional - set(rejected) if rejected else set()
+        if e is None and run - 1 in candidates and run - 1 not in rejected:
+            self._provisional[r].add(run - 1)
+        return rejected
 
     def _alternative(self, r: int, p: int) -> int | None:
         """The best token of this step's prediction at (r, p) that is neither banned nor forbidden
