@@ -168,6 +168,8 @@ class Batcher:
         except asyncio.CancelledError:
             item.cancel()
             item.future.cancel()  # nobody will read its result
+            if self._wakeup is not None:
+                self._wakeup.set()  # a queued item leaves the queue now, not when its wait is over
             raise
 
     async def _loop(self) -> None:

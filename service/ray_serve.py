@@ -10,6 +10,7 @@ removes it when they stay low. Every node of a cluster needs difill (the same ve
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -66,6 +67,8 @@ def start(settings: ServiceSettings) -> str:
 
     if not ray.is_initialized():
         if settings.ray == "local":
+            # A loopback instance sends nothing out: no usage statistics either.
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
         else:
             ray.init(address=settings.ray, log_to_driver=False)
