@@ -391,6 +391,8 @@ def sse(data: Any, event: str | None = None) -> str:
 
 def engine_error(exc: BaseException) -> JSONResponse:
     """An exception from the engine or the batcher as an HTTP answer."""
+    if isinstance(exc, Cancelled):  # the client is gone: nobody reads this
+        return error(499, "cancelled: the client disconnected", kind="cancelled")
     if isinstance(exc, Overloaded):
         return error(503, str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, (ValueError, BadRequest)):

@@ -49,7 +49,6 @@ def build_application(settings: ServiceSettings) -> Any:
 
         context = serve.get_replica_context()
         replica = getattr(getattr(context, "replica_id", None), "unique_id", None) or getattr(context, "replica_tag", "replica")
-        logging.basicConfig(level=logging.INFO)
         return create_app(InferenceService.load(settings, replica=str(replica)))
 
     class DifillReplica:
