@@ -17,7 +17,7 @@ import torch
 
 from difill import default_model_path, grammars
 from difill.grammars import SyntaxCritic, language_for, syntax_errors
-from difill.inference.engine import Engine, InfillRequest, StepView
+from difill.inference.engine import Engine, InfillRequest
 from difill.inference.sampler import Denoise, SamplerSettings
 from difill.inference.tokenizer import EOI, MASK, Tokenizer
 
