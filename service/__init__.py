@@ -87,9 +87,3 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:  # the port is taken, the address is not ours
         print(f"difill: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m difill.service")
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
