@@ -423,7 +423,8 @@ class Engine:
         (a review budget or the step cap ran out, or trimming cut them). An invalid first text
         gives way to a valid candidate, else to its longest prefix that adds no new error; other
         invalid candidates are cut back the same way. An empty text adds nothing and is valid.
-        Returns whether texts[0] is valid now (False: it is returned anyway, and counted)."""
+        Returns whether texts[0] was valid (False: nothing valid was found and it is dropped to "",
+        and counted), so that an editor never shows a suggestion that breaks the file."""
         critics = job.critics
         valid = [not text.strip() or critics[k].is_valid(text) for k, text in enumerate(texts)]
         if not valid[0]:
@@ -437,8 +438,11 @@ class Engine:
                 if shorter is not None:
                     texts[k], valid[k] = shorter, True
         if not valid[0] and not critics[0].is_valid(texts[0]):  # is_valid again: its problems, for the log
-            log.info("completion still adds a syntax error after the constraint: %r (%s)", texts[0],
+            log.info("dropping a completion that still adds a syntax error after the constraint: %r (%s)", texts[0],
                      "; ".join(p.reason for p in critics[0].last_problems))
+        for k in range(len(texts)):  # the constraint never shows a suggestion that breaks the file
+            if not valid[k]:
+                texts[k] = ""
         return valid[0]
 
     def _sampler_settings(self, steps: int | None) -> SamplerSettings:

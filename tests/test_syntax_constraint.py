@@ -237,7 +237,7 @@ def test_engine_trims_what_the_sampler_could_not_keep_valid(engine, tokenizer, s
 def test_engine_prefers_a_valid_candidate_and_flags_a_completion_it_cannot_fix(engine, tokenizer, scripted):
     """Row 0 proposes only closers at its first position, more than the review budget can
     reject, so a closer stays: no prefix of it is valid. With a second candidate that is valid,
-    that one is the completion; alone, the broken one is returned and flagged."""
+    that one is the completion; alone, the broken one is dropped (an empty completion, flagged)."""
     prefix, suffix = "value = ", "\n"
     closers = [i for i, piece in enumerate(tokenizer.pieces()) if piece and piece[0] in ")]}"]
     assert len(closers) > 30
@@ -247,15 +247,16 @@ def test_engine_prefers_a_valid_candidate_and_flags_a_completion_it_cannot_fix(e
     fine = table(tokenizer.vocab_size, [{x: 1.0}], width)
 
     scripted(broken)
+    unconstrained = infill(engine, prefix, suffix, False)
+    assert unconstrained.completion.strip() and unconstrained.completion[0] in ")]}"
+    assert python_critic(prefix, suffix).longest_valid_prefix(unconstrained.completion) is None
     alone = infill(engine, prefix, suffix, True)
-    assert alone.completion.strip() and alone.completion[0] in ")]}"
-    assert alone.syntax_valid is False
-    assert python_critic(prefix, suffix).longest_valid_prefix(alone.completion) is None
+    assert alone.completion == "" and alone.syntax_valid is False  # dropped, and counted
 
     scripted([broken, fine])
     both = infill(engine, prefix, suffix, True, candidates=2)
     assert both.completion == " x" and both.syntax_valid is True
-    assert both.candidates[1][0] in ")]}"
+    assert both.candidates[1] == ""
 
 
 # ---------------------------------------------------------------- the real model, per language
