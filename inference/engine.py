@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -275,13 +275,15 @@ class Engine:
              settings: EngineSettings | None = None) -> "Engine":
         """Load a model directory (default: the bundled model). Errors name the file at fault."""
         directory = Path(model) if model else default_model_path()
-        if backend not in {"torch", "onnx"}:
-            raise ValueError(f"unknown backend {backend!r} (torch, onnx)")
+        if backend not in {"torch", "onnx", "onnx-int8"}:
+            raise ValueError(f"unknown backend {backend!r} (torch, onnx, onnx-int8)")
+        settings = settings or EngineSettings()
+        if backend == "onnx-int8":  # ONNX Runtime with int8 weights (CPU)
+            backend, settings = "onnx", replace(settings, onnx_int8=True)
         if device not in {"cpu", "cuda"}:
             raise ValueError(f"unknown device {device!r} (cpu, cuda)")
         if device == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError("--device cuda: no CUDA device is available to PyTorch on this machine")
-        settings = settings or EngineSettings()
         # The tokenizer first: a missing tokenizer.json should not wait for gigabytes of weights.
         if not (directory / "config.json").is_file():
             load_model(directory)  # raises the precise ModelLoadError (no directory, no config)
@@ -300,7 +302,9 @@ class Engine:
             threads = 1
         if threads:
             torch.set_num_threads(threads)
-        engine = cls(net, tokenizer, name=directory.name, device=device, backend=backend, settings=settings)
+        engine = cls(net, tokenizer, name=directory.name, device=device,
+                     backend="onnx-int8" if backend == "onnx" and settings.onnx_int8 and device == "cpu" else backend,
+                     settings=settings)
         if backend == "onnx":
             if not engine.block_layout:
                 raise ModelLoadError(f"{directory}: --backend onnx runs difill's block-layout models; this "
@@ -683,6 +687,4 @@ class Engine:
 
 
 def _replace(request: InfillRequest, **changes) -> InfillRequest:
-    from dataclasses import replace
-
     return replace(request, **changes)

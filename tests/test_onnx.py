@@ -144,6 +144,15 @@ def test_int8_graph_runs_and_stays_close(engines, tmp_path):
     assert cosine > 0.99
 
 
+def test_onnx_int8_backend_name(model_dir, cache_dir):
+    engine = Engine.load(model_dir, backend="onnx-int8")
+    assert engine.backend == "onnx-int8" and engine.denoiser.int8
+    assert (engine.denoiser.folder / "canvas.int8.onnx").is_file()
+    assert engine.infill(InfillRequest(prefix="x = ", suffix="\n", mode="line", max_tokens=3)).tokens >= 1
+    with pytest.raises(ValueError, match="unknown backend"):
+        Engine.load(model_dir, backend="tensorrt")
+
+
 def test_bidirectional_models_are_refused_with_a_clear_error(tmp_path, cache_dir):
     config = ModelConfig(vocab_size=VOCAB, hidden_size=32, n_layers=1, n_heads=4, n_kv_heads=4, intermediate_size=32,
                          attention="bidirectional", tie_embeddings=True)
