@@ -205,7 +205,7 @@ def section_block(engines: dict, cases: list[Case]) -> dict:
 
 
 def section_cold(engines: dict, cases: list[Case], long_context: bool) -> dict:
-    from difill.inference.engine import Engine, EngineSettings
+    from difill.inference.engine import Engine
 
     lat = {n: [] for n in engines}
     lat_1k = {n: [] for n in engines}

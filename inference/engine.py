@@ -42,7 +42,7 @@ import torch
 from difill import default_model_path
 from difill.inference.loader import ModelLoadError, load_model
 from difill.inference.model import KVCache, Transformer
-from difill.inference.sampler import Cancelled, Critic, Denoise, SamplerSettings, StepView
+from difill.inference.sampler import Cancelled, Denoise, SamplerSettings, StepView
 from difill.inference.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
