@@ -37,7 +37,7 @@ class UserError(Exception):
 def global_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--model", default=argparse.SUPPRESS, help="model directory (default: the bundled model)")
-    parent.add_argument("--backend", choices=["torch", "onnx"], default=argparse.SUPPRESS)
+    parent.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"], default=argparse.SUPPRESS)
     parent.add_argument("--device", choices=["cpu", "cuda"], default=argparse.SUPPRESS)
     parent.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING (default) or ERROR")
     return parent

@@ -40,7 +40,7 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
     """The global options may also come after ``eval`` (difill's CLI accepts them anywhere)."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="model directory (default: the bundled model)")
-    group.add_argument("--backend", choices=["torch", "onnx"])
+    group.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"])
     group.add_argument("--device", choices=["cpu", "cuda"])
     group.add_argument("--log-level", help=argparse.SUPPRESS)
 

@@ -524,6 +524,8 @@ class Engine:
             return line_ids[-budget:]
         reserve = -(-max(1, len(line_ids)) // 32) * 32
         room = max(0, budget - reserve)
+        if room == 0:  # a tiny budget: the cursor's line is all that fits
+            return line_ids
         window = head[-room * 8:] if len(head) > room * 8 else head
         ids, offsets = self.tokenizer.encode_with_offsets(window)
         if len(ids) <= room and len(window) == len(head):
