@@ -286,6 +286,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         result = engine.infill(InfillRequest(prefix=prefix, suffix=suffix, path=path, mode=mode))
         print(f"--- {mode} completion: {result.tokens} tokens, {result.steps} steps, {result.latency_ms:.0f} ms")
         print(shown_prefix + start + result.completion + end + suffix.split("\n")[0])
+        if not result.completion:
+            print("(no suggestion: the model ended the infill at once)")
         print()
     return 0
 
