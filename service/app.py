@@ -426,6 +426,16 @@ def create_app(service: InferenceService) -> FastAPI:
     async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
         return error(400, str(exc), exc.param)
 
+    async def run_unstreamed(http: Request, request: Any) -> "tuple[Any, BatchItem] | Response":
+        """One request answered in one piece: its result and batch item, or the error answer."""
+        item = BatchItem(request)
+        try:
+            return await service.run(http, item), item
+        except Cancelled:
+            return Response(status_code=499)
+        except Exception as exc:
+            return engine_error(exc)
+
     @app.get("/health", summary="liveness, model and queue depth")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": service.engine.name, "version": __version__, "replica": service.metrics.replica,
@@ -475,13 +485,10 @@ def create_app(service: InferenceService) -> FastAPI:
                                "language": result.language}, "usage": {"completion_tokens": result.tokens}}
 
         if not body.stream:
-            item = BatchItem(request)
-            try:
-                result = await service.run(http, item)
-            except Cancelled:
-                return Response(status_code=499)
-            except Exception as exc:
-                return engine_error(exc)
+            outcome = await run_unstreamed(http, request)
+            if isinstance(outcome, Response):
+                return outcome
+            result, item = outcome
             return chunk(result.candidates, finish_reason(result), difill_stats(result, item))
 
         views: asyncio.Queue = asyncio.Queue()
@@ -531,13 +538,10 @@ def create_app(service: InferenceService) -> FastAPI:
 
         started = time.monotonic()
         if not body.stream:
-            item = BatchItem(request)
-            try:
-                result = await service.run(http, item)
-            except Cancelled:
-                return Response(status_code=499)
-            except Exception as exc:
-                return engine_error(exc)
+            outcome = await run_unstreamed(http, request)
+            if isinstance(outcome, Response):
+                return outcome
+            result, item = outcome
             return result_json(result, item, (time.monotonic() - started) * 1000)
 
         views: asyncio.Queue = asyncio.Queue()
