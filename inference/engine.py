@@ -181,6 +181,8 @@ class _Job:
     steps: int = 0
     done: bool = False
     latency_ms: float = 0.0
+    cancel: Callable[[], bool] | None = None  # per request, in a batch (infill_batch)
+    cancelled: bool = False
 
     @property
     def rows(self) -> int:
@@ -336,11 +338,18 @@ class Engine:
             self._denoise([job], cancel, on_step)
             return self._result(job)
 
-    def infill_batch(self, requests: Sequence[InfillRequest]) -> list[InfillResult | Exception]:
+    def infill_batch(self, requests: Sequence[InfillRequest],
+                     cancels: Sequence[Callable[[], bool] | None] | None = None) -> list[InfillResult | Exception]:
         """Complete several requests together: one forward pass per denoising step for all of
         them (block-layout models; open dLLMs run one after the other). A request that fails
         yields its exception in its slot; the others still complete. Each result's latency is
-        the time from the start of the batch until that request finished."""
+        the time from the start of the batch until that request finished.
+
+        ``cancels`` (one per request, polled between steps): a request whose flag turns true
+        stops denoising and gets :class:`Cancelled` in its slot, while the rest of the batch goes
+        on (a client of the shared service disconnected)."""
+        if cancels is not None and len(cancels) != len(requests):
+            raise ValueError(f"need one cancel flag per request, got {len(cancels)} for {len(requests)}")
         results: list[InfillResult | Exception | None] = [None] * len(requests)
         with self._lock, torch.inference_mode():
             jobs: list[tuple[int, _Job]] = []
@@ -351,7 +360,9 @@ class Engine:
                         request = _replace(request, document_key=None)
                     if request.document_key:
                         keys_seen.add(request.document_key)
-                    jobs.append((i, self._start(request)))
+                    job = self._start(request)
+                    job.cancel = cancels[i] if cancels is not None else None
+                    jobs.append((i, job))
                 except (ValueError, RuntimeError) as exc:
                     results[i] = exc
             if self.block_layout:
@@ -365,7 +376,7 @@ class Engine:
                 try:
                     self._denoise([job for _, job in batch], None, None)
                     for i, job in batch:
-                        results[i] = self._result(job)
+                        results[i] = Cancelled() if job.cancelled else self._result(job)
                 except (ValueError, RuntimeError) as exc:
                     for i, _ in batch:
                         results[i] = exc
@@ -461,6 +472,12 @@ class Engine:
         block = 0
         active = list(jobs)
         while active:
+            for job in active:  # a cancelled request of a batch leaves it between blocks too
+                if job.cancel is not None and job.cancel():
+                    job.done = job.cancelled = True
+            active = [j for j in active if not j.done]
+            if not active:
+                break
             lens: list[int] = []
             for job in active:
                 produced = max(len(o) for o in job.outputs)
@@ -483,6 +500,7 @@ class Engine:
                 confidence_fn = make_confidence_fn(self.model, active[0].state["cache"], max(lens), self._banned, s.policy)
             denoise = Denoise(logits_fn, c.mask_token_id, is_end, self._banned, self._sampler_settings(active[0].request.steps),
                               piece=self.tokenizer.piece, critics=critics if any(critics) else (), cancel=cancel,
+                              row_cancel=[j.cancel for j in active for _ in range(j.rows)] if any(j.cancel for j in active) else (),
                               on_step=on_step, generators=[j.generator for j in active for _ in range(j.rows)],
                               fill_id=c.end_token_id if s.fill_after_end else None, confidence_fn=confidence_fn)
             sampled = [r > 0 for j in active for r in range(j.rows)]
@@ -491,6 +509,9 @@ class Engine:
             for job in active:
                 rows_of_job = range(row, row + job.rows)
                 row += job.rows
+                if any(result.cancelled[r] for r in rows_of_job):
+                    job.done = job.cancelled = True
+                    continue
                 job.steps += max(result.row_steps[r] for r in rows_of_job)
                 for k, r in enumerate(rows_of_job):
                     if not job.finished[k]:

@@ -98,6 +98,7 @@ class BlockResult:
     remasked_by_critic: int = 0
     remasked_low_confidence: int = 0
     row_steps: list[int] = field(default_factory=list)  # per row: the step at which it finished
+    cancelled: list[bool] = field(default_factory=list)  # per row: its row_cancel() turned true
 
 
 # (canvas [B, M], select [B, M] bool) -> logits [N, V] at the selected positions, row-major.
@@ -146,6 +147,9 @@ class Denoise:
     piece: Callable[[int], str] | None = None
     critics: Sequence[Critic | None] = ()
     cancel: Callable[[], bool] | None = None
+    # Per row (batches of requests): a row whose flag turns true stops denoising and is reported
+    # in BlockResult.cancelled, while the other rows go on.
+    row_cancel: Sequence[Callable[[], bool] | None] = ()
     on_step: Callable[[StepView], None] | None = None
     generator: torch.Generator | None = None
     generators: Sequence[torch.Generator | None] | None = None
@@ -188,12 +192,19 @@ class Denoise:
         if not use_confidence and self.logits_fn is None:
             raise ValueError("Denoise needs a logits_fn for sampled rows or re-masking")
         done = [False] * rows
+        cancelled = [False] * rows
         row_steps = [0] * rows
         critic_remasked = confidence_remasked = 0
         step = 0
         while not all(done):
             if self.cancel is not None and self.cancel():
                 raise Cancelled()
+            if self.row_cancel:
+                for r, row_cancel in enumerate(self.row_cancel):
+                    if not done[r] and row_cancel is not None and row_cancel():
+                        done[r] = cancelled[r] = True
+                if all(done):
+                    break
             masked = (canvas == self.mask_id) & valid
             live = torch.tensor([not d for d in done])[:, None]
             # Positions after a committed end token can no longer change the infill.
@@ -274,7 +285,7 @@ class Denoise:
             else:
                 tokens_out.append(values[: e + 1])  # the end token decodes to "" or to text ending in a newline
                 ended.append(True)
-        return BlockResult(tokens_out, ended, step, critic_remasked, confidence_remasked, row_steps)
+        return BlockResult(tokens_out, ended, step, critic_remasked, confidence_remasked, row_steps, cancelled)
 
     # ------------------------------------------------------------------ internals
     def _predict(self, canvas: torch.Tensor, select: torch.Tensor, reviews: torch.Tensor, sampled: Sequence[bool]):

@@ -16,16 +16,15 @@ Cancellation (a client that disconnected sets its item's ``cancelled`` flag):
 
 * a request still queued is dropped before its batch starts;
 * a batch of one passes the flag to the engine, which checks it between denoising steps;
-* a batch of several stops between two steps once *every* request in it is cancelled (the
-  engine's :meth:`Engine.infill_batch` takes no per-request flag, so a batch goes on for its
-  remaining clients and the result of a gone one is dropped).
+* a batch of several passes one flag per request to :meth:`Engine.infill_batch`: a cancelled
+  request stops denoising between two steps (its rows are no longer unmasked and it leaves the
+  batch at the next block) while the batch goes on for the remaining clients.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -66,44 +65,11 @@ class Overloaded(Exception):
     """The queue is full: the client should retry later (HTTP 503)."""
 
 
-class InterruptibleDenoiser:
-    """Wraps an engine's denoiser (its documented extension point: ``prefill`` and
-    ``canvas_logits``, once per denoising step) to stop a running batch between two steps when
-    the ``should_stop()`` set by :meth:`watch` on the running thread says so: how a batch whose
-    clients all disconnected ends early. Per thread, because the engine runs a batch on the
-    caller's thread and several services (tests) may share one engine."""
-
-    def __init__(self, inner: Any):
-        self.inner = inner
-        self._local = threading.local()
-
-    def watch(self, should_stop: Callable[[], bool] | None) -> None:
-        self._local.should_stop = should_stop
-
-    def __getattr__(self, name: str) -> Any:  # name, and whatever else a backend's denoiser has
-        return getattr(self.inner, name)
-
-    def prefill(self, *args: Any, **kwargs: Any) -> Any:
-        return self.inner.prefill(*args, **kwargs)
-
-    def canvas_logits(self, *args: Any, **kwargs: Any) -> Any:
-        stop = getattr(self._local, "should_stop", None)
-        if stop is not None and stop():
-            raise Cancelled()
-        return self.inner.canvas_logits(*args, **kwargs)
-
-
 class EngineRunner:
     """Runs a batch on the engine (called on the batcher's worker thread)."""
 
     def __init__(self, engine: Any):
         self.engine = engine
-        self._denoiser: InterruptibleDenoiser | None = None
-        if isinstance(getattr(engine, "denoiser", None), InterruptibleDenoiser):
-            self._denoiser = engine.denoiser
-        elif hasattr(engine, "denoiser"):
-            self._denoiser = InterruptibleDenoiser(engine.denoiser)
-            engine.denoiser = self._denoiser
 
     def __call__(self, items: Sequence[BatchItem]) -> list[Any]:
         """One result or exception per item."""
@@ -113,15 +79,11 @@ class EngineRunner:
                 return [self.engine.infill(item.request, cancel=item.is_cancelled, on_step=item.on_step)]
             except Exception as exc:  # handed to the request, never lost
                 return [exc]
-        if self._denoiser is not None:
-            self._denoiser.watch(lambda: all(item.cancelled for item in items))
         try:
-            return list(self.engine.infill_batch([item.request for item in items]))
-        except Exception as exc:  # Cancelled (every client gone) or an engine failure: each item gets it
+            return list(self.engine.infill_batch([item.request for item in items],
+                                                 cancels=[item.is_cancelled for item in items]))
+        except Exception as exc:  # an engine failure: each item gets it
             return [exc] * len(items)
-        finally:
-            if self._denoiser is not None:
-                self._denoiser.watch(None)
 
 
 class Batcher:

@@ -100,19 +100,24 @@ class RemoteEngine:
                 raise (ValueError if 400 <= int(data.get("status", 500)) < 500 else RemoteError)(message)
         raise RemoteError(f"{self.url}/v1/infill: the stream ended without a result")
 
-    def infill_batch(self, requests: Sequence[InfillRequest]) -> list[InfillResult | Exception]:
-        """Concurrent requests, so that the service batches them; one result or exception each."""
+    def infill_batch(self, requests: Sequence[InfillRequest],
+                     cancels: Sequence[Callable[[], bool] | None] | None = None) -> list[InfillResult | Exception]:
+        """Concurrent requests, so that the service batches them; one result or exception each
+        (``cancels`` as in :meth:`Engine.infill_batch`: a cancelled request closes its stream)."""
         if not requests:
             return []
+        flags = list(cancels) if cancels is not None else [None] * len(requests)
+        if len(flags) != len(requests):
+            raise ValueError(f"need one cancel flag per request, got {len(flags)} for {len(requests)}")
 
-        def one(request: InfillRequest) -> InfillResult | Exception:
+        def one(request: InfillRequest, cancel: Callable[[], bool] | None) -> InfillResult | Exception:
             try:
-                return self.infill(request)
-            except (ValueError, RemoteError) as exc:
+                return self.infill(request, cancel=cancel)
+            except (ValueError, RemoteError, Cancelled) as exc:
                 return exc
 
         with ThreadPoolExecutor(max_workers=min(16, len(requests))) as pool:
-            return list(pool.map(one, requests))
+            return list(pool.map(one, requests, flags))
 
     def infill_many(self, requests: Sequence[InfillRequest]) -> list[InfillResult | Exception]:
         return self.infill_batch(requests)

@@ -136,6 +136,27 @@ def test_batch_keeps_going_when_a_request_fails(engine):
         engine.infill(broken)
 
 
+def test_a_request_cancelled_mid_batch_stops_and_the_others_finish(engine):
+    requests = [line_request(LINE_AT[0], mode="block", max_tokens=12, steps=12),
+                line_request(LINE_AT[1], mode="block", max_tokens=12, steps=12),
+                line_request(LINE_AT[2], max_tokens=6)]
+    alone = [engine.infill(r) for r in requests]
+    polls = {"n": 0}
+
+    def gone_after_two_steps() -> bool:  # polled once per step: the client leaves mid-denoising
+        polls["n"] += 1
+        return polls["n"] > 2
+
+    results = engine.infill_batch(requests, cancels=[None, gone_after_two_steps, None])
+    assert isinstance(results[1], Cancelled)
+    assert polls["n"] == 3  # not polled again once it was cancelled
+    for k in (0, 2):
+        assert isinstance(results[k], InfillResult)
+        assert (results[k].completion, results[k].steps) == (alone[k].completion, alone[k].steps)
+    with pytest.raises(ValueError, match="one cancel flag per request"):
+        engine.infill_batch(requests, cancels=[None])
+
+
 # ---------------------------------------------------------------------------- context cache
 def test_typing_session_reuses_the_context_and_equals_uncached(engine):
     prefix, suffix = cut(LINE_AT[1])

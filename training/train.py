@@ -58,6 +58,7 @@ class TrainConfig:
     threads: int = 0
     bf16: bool = True
     compile: bool = False
+    init_from: str | None = None  # a model directory (Hugging Face layout) whose weights a new run starts from
     seed: int = 0
     log_every: int = 10
     eval_every: int = 250
@@ -104,8 +105,10 @@ def attention_mask(context: torch.Tensor, canvas_len: int, after: torch.Tensor |
 
 
 def diffusion_loss(model: Transformer, context: torch.Tensor, canvas: torch.Tensor, cfg: TrainConfig,
-                   generator: torch.Generator, after: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """MDLM loss on the canvas plus (block layout) weighted next-token loss on the context."""
+                   generator: torch.Generator, after: torch.Tensor | None = None,
+                   body=None) -> tuple[torch.Tensor, dict]:
+    """MDLM loss on the canvas plus (block layout) weighted next-token loss on the context.
+    ``body`` replaces ``model.hidden_states`` (e.g. a compiled copy of it)."""
     b, c = context.shape
     m = canvas.shape[1]
     # Stratified masking rates: one per sequence, spread evenly over [min_mask_rate, 1].
@@ -117,7 +120,7 @@ def diffusion_loss(model: Transformer, context: torch.Tensor, canvas: torch.Tens
     ids = torch.cat([context, noisy] + ([after] if after is not None else []), dim=1)
     positions = torch.arange(ids.shape[1])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and ids.device.type == "cpu"):
-        hidden = model.hidden_states(ids, positions, mask=attention_mask(context, m, after))
+        hidden = (body or model.hidden_states)(ids, positions, mask=attention_mask(context, m, after))
         canvas_logits = model.logits(hidden[:, c: c + m][masked])
         canvas_logits[:, MASK] = float("-inf")
         ce = F.cross_entropy(canvas_logits, canvas[masked], reduction="none")
@@ -239,6 +242,22 @@ def export(run: Path, model: Transformer, tokenizer_path: Path, card: dict, out:
     return out
 
 
+def start_from_model(model: Transformer, directory: Path, tokenizer_path: Path) -> None:
+    """Load an exported model's weights so that a new run continues where an earlier one ended
+    (e.g. the shipped model, whose run folder is gone); a resumed checkpoint overrides them."""
+    if Path(directory, "tokenizer.json").read_text() != Path(tokenizer_path).read_text():
+        raise SystemExit(f"{directory} was trained with another tokenizer than {tokenizer_path}")
+    exported = json.loads(Path(directory, "config.json").read_text())
+    mine = model.config.to_dict()
+    differing = [k for k, v in mine.items() if k in exported and exported[k] != v]
+    if differing:
+        raise SystemExit(f"{directory} has another architecture ({', '.join(differing)} differ)")
+    missing, unexpected = model.load_state_dict(load_file(str(Path(directory, "model.safetensors"))), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise SystemExit(f"{directory} does not fit the model: missing {missing}, unexpected {unexpected}")
+    log.info("starting from the weights of %s", directory)
+
+
 def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Path:
     cfg = TrainConfig.from_file(config_path)
     run.mkdir(parents=True, exist_ok=True)
@@ -248,6 +267,8 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
     tokenizer = Tokenizer.from_file(cfg.tokenizer)
     model = Transformer(model_config_for(cfg, tokenizer))
     init_weights(model, cfg.seed)
+    if cfg.init_from:
+        start_from_model(model, Path(cfg.init_from), Path(cfg.tokenizer))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -274,6 +295,9 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
     deadline = time.time() + max_minutes * 60 if max_minutes else None
     logfile = open(run / "log.jsonl", "a")
     model.train()
+    # The compiled transformer body serves the training step only: the masked-position head has a
+    # new shape every step, and the FIM check's engine calls the plain model with its own shapes.
+    body = torch.compile(model.hidden_states) if cfg.compile else model.hidden_states
     window_start, window_tokens = time.time(), 0
     while state["step"] < cfg.max_steps and not stop["now"] and not (deadline and time.time() > deadline):
         step_start = time.time()
@@ -281,7 +305,7 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
         batch = train_sampler.batch(cfg.batch_size, canvas_len)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(state["step"], cfg)
-        loss, parts = diffusion_loss(model, batch.context, batch.canvas, cfg, generator, batch.after)
+        loss, parts = diffusion_loss(model, batch.context, batch.canvas, cfg, generator, batch.after, body)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
