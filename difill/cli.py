@@ -286,7 +286,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         result = engine.infill(InfillRequest(prefix=prefix, suffix=suffix, path=path, mode=mode))
         print(f"--- {mode} completion: {result.tokens} tokens, {result.steps} steps, {result.latency_ms:.0f} ms")
         print(shown_prefix + start + result.completion + end + suffix.split("\n")[0])
-        if not result.completion:
+        if not result.completion and result.syntax_valid is False:
+            print("(no suggestion: what the model wrote would break the file, and the syntax constraint dropped it)")
+        elif not result.completion:
             print("(no suggestion: the model ended the infill at once)")
         print()
     return 0

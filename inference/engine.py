@@ -643,7 +643,12 @@ class Engine:
             positions = torch.arange(start, start + width, device=device)
 
             def one_context(canvas: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
-                return self.denoiser.canvas_logits(cache, canvas.to(device), positions, select)
+                rows = _live_rows(select)
+                if rows is None:
+                    return self.denoiser.canvas_logits(cache, canvas.to(device), positions, select)
+                if len(rows) == 0:
+                    return self._no_logits()
+                return self.denoiser.canvas_logits(cache, canvas[rows].to(device), positions, select[rows])
 
             return one_context
         caches = [j.state["cache"] for j in jobs for _ in range(j.rows)]
@@ -655,10 +660,29 @@ class Engine:
         if bool(key_valid.all()):
             key_valid = None  # equal lengths: no mask, the fast attention path
 
+        subset: dict[tuple[int, ...], tuple[KVCache, torch.Tensor, torch.Tensor | None]] = {}
+
         def many_contexts(canvas: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
-            return self.denoiser.canvas_logits(stacked, canvas.to(device), positions, select, key_valid)
+            rows = _live_rows(select)
+            if rows is None:
+                return self.denoiser.canvas_logits(stacked, canvas.to(device), positions, select, key_valid)
+            if len(rows) == 0:
+                return self._no_logits()
+            key = tuple(rows.tolist())
+            if key not in subset:  # rows only ever finish, so the previous subset is not needed again
+                subset.clear()
+                index = rows.to(device)
+                cache = KVCache(len(stacked.keys))
+                cache.keys = [k.index_select(0, index) for k in stacked.keys]
+                cache.values = [v.index_select(0, index) for v in stacked.values]
+                subset[key] = (cache, positions[index], key_valid[index] if key_valid is not None else None)
+            cache, row_positions, row_keys = subset[key]
+            return self.denoiser.canvas_logits(cache, canvas[rows].to(device), row_positions, select[rows], row_keys)
 
         return many_contexts
+
+    def _no_logits(self) -> torch.Tensor:
+        return torch.empty(0, self.model.config.vocab_size, device=self.device)
 
     def _bidirectional_logits_fn(self, state: dict, canvas_len: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Open dLLMs: full forward every ``refresh_every`` steps, canvas-only steps in between
@@ -707,6 +731,14 @@ class Engine:
         while len(self._caches) > 1 and self.cache_bytes() > self.settings.cache_bytes:
             key, _ = self._caches.popitem(last=False)
             log.debug("context cache over %d bytes: dropped %s", self.settings.cache_bytes, key)
+
+
+def _live_rows(select: torch.Tensor) -> torch.Tensor | None:
+    """The rows of a denoising step that still have positions to predict, or None when all do.
+    Rows that finished (or were cancelled) early leave the forward pass: in a batch of requests
+    they would otherwise cost as much as the slowest row until the block ends."""
+    live = select.any(dim=1)
+    return None if bool(live.all()) else live.nonzero()[:, 0]
 
 
 def _replace(request: InfillRequest, **changes) -> InfillRequest:

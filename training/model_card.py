@@ -2,9 +2,14 @@
 log (loss and FIM checks against tokens seen), and `difill eval` reports on the project's FIM
 set for this model and, when given, the model it replaces.
 
-    difill eval evaluation/fimset --no-tests --report runs/small/eval.json --model difill/default_model
-    python -m difill.training.model_card --run runs/small --model difill/default_model \\
-        --report runs/small/eval.json [--previous-report old.json] --out difill/default_model/MODEL_CARD.md
+    difill eval evaluation/fimset --no-tests --report runs/cont/eval.json --model runs/cont/export
+    python bench/layouts.py runs/compare-block runs/compare-bidirectional --out runs/layouts.json
+    python -m difill.training.model_card --earlier-run runs/small --run runs/cont --model runs/cont/export \\
+        --report runs/cont/eval.json --previous-report runs/small/eval.json --layouts runs/layouts.json \\
+        --out runs/cont/export/MODEL_CARD.md
+
+``--earlier-run`` names the runs that the last one continued from (``init_from`` in its config),
+oldest first: the learning curve and the training totals add them up.
 """
 
 from __future__ import annotations
@@ -16,9 +21,41 @@ from pathlib import Path
 METRICS = ("exact_match", "edit_similarity", "syntax_valid_rate", "non_empty_rate", "latency_p50_ms")
 
 
-def learning_curve(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if "val_masked_ce" in r]
+def learning_curve(runs: list[Path]) -> list[dict]:
+    """Validation records of the runs in order, tokens and steps counted from the first run's start."""
+    curve: list[dict] = []
+    step_offset = token_offset = 0
+    for run in runs:
+        rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+        curve += [{**r, "step": r["step"] + step_offset, "tokens": r["tokens"] + token_offset}
+                  for r in rows if "val_masked_ce" in r]
+        state = json.loads((run / "ckpt" / "state.json").read_text())
+        step_offset += state["step"]
+        token_offset += state["tokens"]
+    return curve
+
+
+def training_stages(runs: list[Path]) -> list[dict]:
+    """Per run: its config file's settings, steps, tokens and seconds (from its checkpoint state)."""
+    stages = []
+    for run in runs:
+        state = json.loads((run / "ckpt" / "state.json").read_text())
+        config = json.loads((run / "config.json").read_text())
+        stages.append({"run": run.name, "steps": state["step"], "tokens": state["tokens"], "seconds": state["seconds"],
+                       "batch_size": config["batch_size"], "lr": config["lr"], "init_from": config.get("init_from")})
+    return stages
+
+
+def layout_table(layouts: dict) -> list[str]:
+    """bench/layouts.py's comparison of the two attention layouts, trained alike."""
+    columns = (("attention", "attention"), ("tokens", "training tokens"), ("train_tokens_per_s", "training tok/s"),
+               ("val_masked_ce", "validation masked CE"), ("exact_match", "exact match (line)"),
+               ("edit_similarity", "edit similarity"), ("p50_ms_line", "warm p50 ms"), ("cached_fraction", "context reused"),
+               ("cold_p50_ms_line", "cold p50 ms"), ("cold_p50_ms_line_1k", "cold p50 ms, 1k context"))
+    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    for values in layouts["runs"].values():
+        lines.append("| " + " | ".join(fmt(values.get(key)) for key, _ in columns) + " |")
+    return lines
 
 
 def fmt(value) -> str:
@@ -42,15 +79,24 @@ def score_table(report: dict, previous: dict | None) -> list[str]:
     return lines
 
 
-def write_card(run: Path, model: Path, report_path: Path, previous_path: Path | None, corpus: Path, out: Path) -> str:
+def write_card(runs: list[Path], model: Path, report_path: Path, previous_path: Path | None, corpus: Path, out: Path,
+               layouts_path: Path | None = None) -> str:
+    """``runs``: the runs that made the model, oldest first (a run may continue an earlier one)."""
     config = json.loads((model / "config.json").read_text())
     training = json.loads((model / "training.json").read_text())
+    stages = training_stages(runs)
+    total_steps = sum(st["steps"] for st in stages)
+    total_tokens = sum(st["tokens"] for st in stages)
+    total_minutes = sum(st["seconds"] for st in stages) / 60
+    layouts = json.loads(layouts_path.read_text()) if layouts_path else None
     report = json.loads(report_path.read_text())
     previous = json.loads(previous_path.read_text()) if previous_path else None
     manifest = json.loads((corpus / "MANIFEST.json").read_text()) if (corpus / "MANIFEST.json").exists() else {}
     stats = manifest.get("stats", {})
     size_mb = sum(p.stat().st_size for p in model.iterdir() if p.is_file()) / 2**20
-    curve = learning_curve(run)
+    curve = learning_curve(runs)
+    line_kinds = [report["by_kind"][k] for k in ("line", "line-tail") if k in report["by_kind"]]
+    line_exact = sum(m["exact_match"] * m["cases"] for m in line_kinds) / max(1, sum(m["cases"] for m in line_kinds))
     lines = [
         "# difill default model",
         "",
@@ -77,9 +123,15 @@ def write_card(run: Path, model: Path, report_path: Path, previous_path: Path | 
         "`more-itertools` and the other sources of `evaluation/fimset` (also when vendored inside another package).",
         "- Objective: MDLM on infill-shaped canvases (line tails, whole lines, blocks, random spans; the canvas is "
         "padded with `<|eoi|>` so the model learns where an infill ends), plus next-token loss on the causal context.",
-        f"- {training['steps']} steps, {training['tokens'] / 1e6:.1f}M tokens, {training['train_seconds'] / 60:.0f} minutes "
-        f"on {training.get('hardware', 'a 2-core CPU')} (shared with other work), config "
-        "`training/configs/small.json`.",
+        f"- {total_steps} steps, {total_tokens / 1e6:.1f}M tokens, {total_minutes:.0f} minutes on a 2-core CPU "
+        f"(shared with other work), bf16 autocast, in {len(stages)} run(s), each continuing the last:",
+        "",
+        "| run | steps | tokens | minutes | batch | peak lr | started from |",
+        "|---|---:|---:|---:|---:|---:|---|",
+        *[f"| {st['run']} | {st['steps']} | {st['tokens'] / 1e6:.1f}M | {st['seconds'] / 60:.0f} | {st['batch_size']} | "
+          f"{st['lr']} | {st['init_from'] or 'random initialisation'} |" for st in stages],
+        "",
+        "The configs are in `training/configs/` (`small.json`, then `small-continue.json`).",
         "",
         "### Learning curve (held-out files)",
         "",
@@ -105,15 +157,25 @@ def write_card(run: Path, model: Path, report_path: Path, previous_path: Path | 
         "|---|---:|---:|---:|---:|",
         *[f"| {lang} | " + " | ".join(fmt(m.get(k)) for k in METRICS[:4]) + " |" for lang, m in report["by_language"].items()],
         "",
+    ]
+    if layouts:
+        lines += [
+            "## Attention layout: block diffusion against bidirectional",
+            "",
+            "Two models of this size trained alike from scratch (`training/configs/compare-*.json`, the attention "
+            "layout the only difference), measured by `python bench/layouts.py` on the same held-out Python "
+            f"single-line cases ({next(iter(layouts['runs'].values())).get('quality_cases', '?')} for quality, typing "
+            "sessions for latency) on this 2-core CPU:",
+            "",
+            *layout_table(layouts),
+            "",
+        ]
+    lines += [
         "## Limits",
         "",
-        "This is a first model from a CPU-only session, and it is not yet useful: it completes the canvas",
-        "mechanics end to end (it learned where an infill ends and the syntax constraint keeps what it",
-        "writes parseable), but its text rarely matches what the user would type. A few million training",
-        "tokens are far from what a useful completion model needs (the goal is 40% single-line exact match",
-        "on unseen Python; the calibration figure for this CPU is about 3k tokens/s). The learning curve",
-        "above is the basis for planning the next, larger run on a GPU: validation masked cross-entropy",
-        "fell by about 0.1 per doubling of tokens over the last part of the run.",
+        f"Single-line exact match on the FIM set is {line_exact:.1%} (goal: 40% on unseen Python). "
+        f"{total_tokens / 1e6:.0f}M training tokens on a 2-core CPU are far from what a strong completion "
+        "model needs; the learning curve above is the basis for planning the next, larger run on a GPU.",
         "",
     ]
     text = "\n".join(lines)
@@ -123,14 +185,18 @@ def write_card(run: Path, model: Path, report_path: Path, previous_path: Path | 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--run", type=Path, required=True, help="the run that produced the model")
+    parser.add_argument("--earlier-run", type=Path, action="append", default=[],
+                        help="a run that --run continued from (oldest first, repeatable)")
+    parser.add_argument("--layouts", type=Path, help="bench/layouts.py's JSON: the attention layout comparison")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--previous-report", type=Path)
     parser.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    write_card(args.run, args.model, args.report, args.previous_report, args.corpus, args.out)
+    write_card([*args.earlier_run, args.run], args.model, args.report, args.previous_report, args.corpus, args.out,
+               args.layouts)
 
 
 if __name__ == "__main__":
