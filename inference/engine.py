@@ -112,6 +112,11 @@ class EngineSettings:
     canvas_tokens: int = 32  # one block of the canvas; it grows block by block
     threshold: float = 0.9
     policy: str = "confidence"
+    # Semi-autoregressive decoding: each step commits the leftmost masked position and the sure
+    # ones among the first ``window`` (SamplerSettings.window). None: what the model's config
+    # recommends ("decode_window" in its extra settings, chosen by measurement for the bundled
+    # model), else off; 0: off (pure threshold decoding, the most confident position first).
+    window: int | None = None
     remask_below: float | None = None
     refresh_every: int = 4  # bidirectional models: steps between full forward passes
     constrain_syntax: bool = True
@@ -242,6 +247,8 @@ class Engine:
         self.block_layout = c.attention == "block" and c.prefix_token_id is not None
         self.context_tokens = int(c.extra.get("context_tokens", 1024))
         self.default_suffix_tokens = int(c.extra.get("suffix_tokens", 256))
+        window = self.settings.window if self.settings.window is not None else c.extra.get("decode_window")
+        self.decode_window = int(window) if window else None
         vocab = c.vocab_size
         pieces = tokenizer.pieces()
         end_ids = {c.end_token_id, *[int(i) for i in c.extra.get("end_token_ids", [])]}
@@ -326,7 +333,8 @@ class Engine:
         c = self.model.config
         return {"model": self.name, "parameters": self.n_params, "attention": c.attention, "backend": self.backend,
                 "device": self.device, "vocab_size": c.vocab_size, "layers": c.n_layers, "hidden_size": c.hidden_size,
-                "context_tokens": self.context_tokens, "threads": torch.get_num_threads(),
+                "context_tokens": self.context_tokens, "decode_window": self.decode_window,
+                "threads": torch.get_num_threads(),
                 "cached_documents": len(self._caches), "cache_bytes": self.cache_bytes()}
 
     # ------------------------------------------------------------------ public API
@@ -463,7 +471,7 @@ class Engine:
     def _sampler_settings(self, steps: int | None) -> SamplerSettings:
         s = self.settings
         return SamplerSettings(policy=s.policy, steps=steps, threshold=s.threshold, remask_below=s.remask_below,
-                               temperature=0.8)  # read by the rows that sample (candidates after the first)
+                               window=self.decode_window, temperature=0.8)  # read by the rows that sample (candidates after the first)
 
     def _denoise(self, jobs: list[_Job], cancel, on_step) -> None:
         """Block by block until every job has ended or reached its token budget."""

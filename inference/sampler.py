@@ -60,6 +60,11 @@ class SamplerSettings:
     # (training pads the middle with them), which a model is surest about at the run's left
     # edge: without this, a short infill in a long canvas costs one step per end token.
     end_run_threshold: float | None = 0.5
+    # Semi-autoregressive decoding (LLaDA's sub-blocks, as a sliding window): only the first
+    # ``window`` masked positions of a row may be committed in a step, so every token is chosen
+    # next to text already decided. None: any position. A small model writes far less incoherent
+    # text this way (repeated tokens at positions decided independently); bench/README.md.
+    window: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -70,6 +75,8 @@ class SamplerSettings:
             raise ValueError(f"steps must be at least 1, not {self.steps}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be at least 1, not {self.window}")
         if self.remask_below is not None and not 0.0 < self.remask_below < 1.0:
             raise ValueError(f"remask_below must be in (0, 1), not {self.remask_below}")
         if self.end_run_threshold is not None and not 0.0 < self.end_run_threshold <= 1.0:
@@ -244,13 +251,19 @@ class Denoise:
                 candidates = is_masked.nonzero()[:, 0]
                 if len(candidates) == 0:
                     continue
+                # A fixed number of steps commits k per step; the window widens to k if need be.
+                k = max(1, math.ceil(len(candidates) / max(1, s.steps - step))) if s.steps is not None else 1
+                if s.window is not None:  # positions are ascending: the leftmost masked ones
+                    candidates = candidates[: max(s.window, k)]
                 cand_pos = pos[candidates]
                 cand_scores = scores[sl][candidates]
                 if s.steps is not None:
-                    k = max(1, math.ceil(len(candidates) / max(1, s.steps - step)))
                     pick = cand_scores.topk(min(k, len(candidates))).indices
                 else:
-                    pick = (token_prob[sl][candidates] >= s.threshold).nonzero()[:, 0]
+                    sure = token_prob[sl][candidates] >= s.threshold
+                    if s.window is not None:  # the leftmost goes in every step, the sure ones beside it
+                        sure[0] = True
+                    pick = sure.nonzero()[:, 0]
                     if len(pick) == 0:
                         pick = cand_scores.argmax()[None]
                 chosen = cand_pos[pick]

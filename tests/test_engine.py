@@ -109,6 +109,23 @@ def test_mode_and_request_validation():
         InfillRequest(prefix=None)  # type: ignore[arg-type]
 
 
+def test_decode_window_comes_from_the_model_config_unless_set(engine):
+    recommended = engine.model.config.extra.get("decode_window")
+    assert engine.decode_window == (int(recommended) if recommended else None)
+    assert engine.describe()["decode_window"] == engine.decode_window
+    off = Engine(engine.model, engine.tokenizer, settings=EngineSettings(window=0))
+    left_to_right = Engine(engine.model, engine.tokenizer, settings=EngineSettings(window=1))
+    assert off.decode_window is None and left_to_right.decode_window == 1
+    request = line_request(LINE_AT[1], max_tokens=8)
+    views: list[StepView] = []
+    left_to_right.infill(request, on_step=views.append)
+    for before, after in zip([None] + views, views):  # one new position per step, each the leftmost masked
+        old = before.canvas[0] if before else [engine.model.config.mask_token_id] * len(after.canvas[0])
+        new = [i for i, (a, b) in enumerate(zip(old, after.canvas[0])) if a != b]
+        masked = [i for i, t in enumerate(old) if t == engine.model.config.mask_token_id]
+        assert new and new[0] == masked[0]
+
+
 # ---------------------------------------------------------------------------- batching
 def test_batch_equals_one_by_one(engine):
     requests = [

@@ -72,6 +72,34 @@ def test_fixed_steps_commit_a_share_per_step():
     assert result.steps == 3
 
 
+def test_window_commits_the_leftmost_and_the_sure_ones_beside_it():
+    # The rightmost position is the likeliest, yet left-to-right decoding takes the leftmost
+    # masked position every step; a sure position inside the window joins it.
+    fn = Fixed(table([{A: 0.4}, {B: 0.5}, {C: 0.95}, {D: 0.8}, {A: 0.85}]))
+    views: list[StepView] = []
+    settings = SamplerSettings(window=3, end_run_threshold=None)
+    result = denoise(fn, settings, on_step=views.append).run(1, 5)
+    assert views[0].canvas == [[A, MASK, C, MASK, MASK]]  # leftmost + the sure one in the window
+    assert views[1].canvas == [[A, B, C, MASK, MASK]]  # position 4 (0.85) is sure but outside
+    assert views[2].canvas == [[A, B, C, D, MASK]]
+    assert result.tokens == [[A, B, C, D, A]] and result.steps == 4
+    plain: list[StepView] = []
+    unrestricted = denoise(fn, on_step=plain.append).run(1, 5)  # without a window: the most confident first
+    assert plain[0].canvas == [[MASK, MASK, C, MASK, MASK]] and plain[1].canvas == [[MASK, MASK, C, MASK, A]]
+    assert unrestricted.tokens == result.tokens and unrestricted.steps == 5
+
+
+def test_window_widens_to_keep_a_fixed_number_of_steps():
+    fn = Fixed(table([{A: 0.3}] * 8))
+    views: list[StepView] = []
+    settings = SamplerSettings(steps=2, window=1, end_run_threshold=None)
+    result = denoise(fn, settings, on_step=views.append).run(1, 8)
+    assert [v.committed for v in views] == [4, 8] and result.steps == 2
+    assert views[0].canvas == [[A] * 4 + [MASK] * 4]  # the leftmost four
+    with pytest.raises(ValueError, match="window"):
+        SamplerSettings(window=0)
+
+
 @pytest.mark.parametrize("policy, first", [("confidence", 0), ("margin", 1), ("entropy", 2)])
 def test_policies_order_positions_differently(policy, first):
     # position 0: the likeliest token (0.50) with a close second (0.45): best confidence

@@ -48,7 +48,7 @@ def training_stages(runs: list[Path]) -> list[dict]:
 
 def layout_table(layouts: dict) -> list[str]:
     """bench/layouts.py's comparison of the two attention layouts, trained alike."""
-    columns = (("attention", "attention"), ("tokens", "training tokens"), ("train_tokens_per_s", "training tok/s"),
+    columns = (("attention", "attention"), ("steps", "training steps"), ("train_ms_per_step", "ms per training step"),
                ("val_masked_ce", "validation masked CE"), ("exact_match", "exact match (line)"),
                ("edit_similarity", "edit similarity"), ("p50_ms_line", "warm p50 ms"), ("cached_fraction", "context reused"),
                ("cold_p50_ms_line", "cold p50 ms"), ("cold_p50_ms_line_1k", "cold p50 ms, 1k context"))

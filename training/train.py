@@ -59,6 +59,7 @@ class TrainConfig:
     bf16: bool = True
     compile: bool = False
     init_from: str | None = None  # a model directory (Hugging Face layout) whose weights a new run starts from
+    decode_window: int | None = None  # the engine's default semi-autoregressive window for this model (bench/engine.py)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 250
@@ -73,7 +74,8 @@ def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
     """The model's config, with the context budget it was trained on (the engine's default).
     ``cfg.model["attention"]`` picks the layout: "block" (default) or "bidirectional"."""
     return ModelConfig(
-        extra={"context_tokens": cfg.context_len, "suffix_tokens": cfg.suffix_budget},
+        extra={"context_tokens": cfg.context_len, "suffix_tokens": cfg.suffix_budget,
+               **({"decode_window": cfg.decode_window} if cfg.decode_window else {})},
         vocab_size=tokenizer.vocab_size,
         mask_token_id=MASK, end_token_id=EOI, pad_token_id=PAD, bos_token_id=BOS,
         prefix_token_id=PREFIX, suffix_token_id=SUFFIX, middle_token_id=MIDDLE,
@@ -249,7 +251,7 @@ def start_from_model(model: Transformer, directory: Path, tokenizer_path: Path) 
         raise SystemExit(f"{directory} was trained with another tokenizer than {tokenizer_path}")
     exported = json.loads(Path(directory, "config.json").read_text())
     mine = model.config.to_dict()
-    differing = [k for k, v in mine.items() if k in exported and exported[k] != v]
+    differing = [k for k, v in mine.items() if k in exported and exported[k] != v and k != "extra"]  # extra: engine defaults
     if differing:
         raise SystemExit(f"{directory} has another architecture ({', '.join(differing)} differ)")
     missing, unexpected = model.load_state_dict(load_file(str(Path(directory, "model.safetensors"))), strict=False)
@@ -310,7 +312,7 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        tokens = batch.context.numel() + batch.canvas.numel()
+        tokens = batch.context.numel() + batch.canvas.numel() + (batch.after.numel() if batch.after is not None else 0)
         state["step"] += 1
         state["tokens"] += tokens
         state["seconds"] += time.time() - step_start
