@@ -25,6 +25,8 @@ Sections:
 * cold: new documents, the model's own context budget, and a 1k-token context (budgets raised).
 * naive: the engine against a naive sampler (a full forward pass over context + canvas every
   step, one token per step, same canvas and stopping rule): speed-up and exact match of both.
+* window: decoding order, pure threshold decoding against the semi-autoregressive window (the
+  leftmost masked position every step): exact match, edit similarity, non-empty rate, steps.
 * agreement: completions of onnx and onnx-int8 against torch on the same cases.
 * batch: 8 requests through ``infill_batch`` against one by one.
 * threads: 1 against 2 torch threads.
@@ -306,6 +308,34 @@ def section_naive(engine, cases: list[Case]) -> dict:
             "engine_steps_mean": round(eng_steps / n, 2), "naive_steps_mean": round(naive_steps / n, 2)}
 
 
+def section_window(engine, line_cases: list[Case], block_cases: list[Case]) -> dict:
+    """Decoding order on the default path (syntax constraint on): pure threshold decoding (the
+    most confident position first) against the semi-autoregressive window (the leftmost masked
+    position every step, plus the sure ones), the evidence behind the model's decode_window."""
+    from difill.evaluation.metrics import edit_similarity
+    from difill.inference.engine import Engine, InfillRequest
+
+    variants = {f"window={w}": Engine(engine.model, engine.tokenizer, name=engine.name, settings=replace(engine.settings, window=w))
+                for w in (0, 1)}
+    for variant in variants.values():
+        variant.denoiser = engine.denoiser
+    out = {}
+    for kind, cases, mode in (("line", line_cases, "line"), ("block", block_cases, "block")):
+        for name, variant in variants.items():
+            hits, similarity, non_empty, steps, ms = 0, 0.0, 0, 0, []
+            for case in cases:
+                result = variant.infill(InfillRequest(prefix=case.prefix, suffix=case.suffix, mode=mode, language="python"))
+                hits += exact(result.completion, case.reference)
+                similarity += edit_similarity(result.completion, case.reference)
+                non_empty += bool(result.completion.strip())
+                steps += result.steps
+                ms.append(result.latency_ms)
+            n = max(1, len(cases))
+            out[f"{kind} {name}"] = {"cases": len(cases), "exact": round(hits / n, 4), "edit_similarity": round(similarity / n, 4),
+                                     "non_empty": round(non_empty / n, 4), "steps_mean": round(steps / n, 2), "p50_ms": pct(ms, 0.5)}
+    return out
+
+
 def section_agreement(engines: dict, cases: list[Case]) -> dict:
     """Completions of each backend against torch, and (end tokens disabled, 16 tokens per case,
     so that even a weak model writes text to compare) the share of identical canvas tokens."""
@@ -497,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer cases (a smoke run)")
     parser.add_argument("--model", help="model directory (default: the bundled model)")
     parser.add_argument("--backends", default="torch,onnx,onnx-int8")
-    parser.add_argument("--sections", default="warm,block,cold,naive,agreement,batch,threads,refresh")
+    parser.add_argument("--sections", default="warm,block,cold,naive,window,agreement,batch,threads,refresh")
     parser.add_argument("--bidirectional-model", help="a real bidirectional checkpoint for the refresh section")
     parser.add_argument("--gpu-7b", action="store_true", help="Dream-Coder-7B shapes in bf16 on CUDA")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu-7b: tiny shapes on the CPU (checks the code path)")
@@ -532,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         merge(section_cold(engines, line_cases[:n_line], long_context=True))
     if "naive" in sections and "torch" in engines:
         report["naive"] = section_naive(engines["torch"], line_cases[:n_naive])
+    if "window" in sections and "torch" in engines:
+        report["window"] = section_window(engines["torch"], line_cases[:n_naive], block_cases)
     if "agreement" in sections:
         merge(section_agreement(engines, line_cases[:n_naive]))
     if "batch" in sections:
@@ -567,7 +599,7 @@ def render(report: dict) -> str:
            f"{report['conditions']['load_average_end']}, model {report['conditions']['model']} "
            f"({report['conditions']['parameters'] / 1e6:.1f}M), cases: {report['conditions']['cases']}"]
     out.append(table("backends (warm = typing session; block = 64 forced tokens; cold = new document)", report["backends"]))
-    for key in ("naive", "batch", "threads", "refresh"):
+    for key in ("naive", "window", "batch", "threads", "refresh"):
         if key in report:
             section = report[key]
             nested = {k: v for k, v in section.items() if isinstance(v, dict)}

@@ -34,21 +34,24 @@ def _bench_engine():
     """bench/engine.py's sections and case loader (bench/ is a folder of scripts, not a package)."""
     spec = importlib.util.spec_from_file_location("bench_engine", HERE / "engine.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
 def run_summary(run: Path) -> dict:
-    """What the run's log says: its layout, tokens, training speed and last validation loss."""
+    """What the run says: its layout, steps, training time per step and last validation loss.
+    (Steps rather than tokens: runs logged before the count included the bidirectional layout's
+    suffix undercount it, and both layouts see the same examples per step.)"""
     config = json.loads((run / "config.json").read_text())
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     validation = [r for r in records if "val_masked_ce" in r]
-    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    state = json.loads((run / "ckpt" / "state.json").read_text())
     if not validation:
         raise SystemExit(f"{run}: no validation record in log.jsonl yet (train it further)")
     last = validation[-1]
     return {"attention": config["model"].get("attention", "block"), "steps": last["step"], "tokens": last["tokens"],
-            "val_masked_ce": last["val_masked_ce"], "train_tokens_per_s": round(sorted(speeds)[len(speeds) // 2]),
+            "val_masked_ce": last["val_masked_ce"], "train_ms_per_step": round(1000 * state["seconds"] / max(1, state["step"])),
             "fim_check": {k: v for k, v in last.items() if k.startswith("fim_exact")}}
 
 
@@ -87,7 +90,7 @@ def compare(runs: list[Path], cases: int, typing_cases: int) -> dict:
     return report
 
 
-COLUMNS = ("attention", "tokens", "train_tokens_per_s", "val_masked_ce", "exact_match", "edit_similarity",
+COLUMNS = ("attention", "steps", "train_ms_per_step", "val_masked_ce", "exact_match", "edit_similarity",
            "non_empty_rate", "p50_ms_line", "p95_ms_line", "cached_fraction", "cold_p50_ms_line", "cold_p50_ms_line_1k")
 
 
