@@ -5,6 +5,7 @@ against the number of concurrent clients, with dynamic batching and without it.
     python bench/service.py --json         # one JSON object on stdout
     python bench/service.py --out FILE     # the JSON object into FILE as well
     python bench/service.py --quick        # shorter levels, for a smoke run
+    python bench/service.py --workload typing   # editors typing: a request per keystroke, one document key each
 
 Two real ``difill serve-model`` processes run on 127.0.0.1, batched (``--max-batch 16``) and
 unbatched (``--max-batch 1``); level by level, alternating between them, 1, 4 and 16 clients each send
@@ -63,8 +64,25 @@ def cases(n: int, seed: int = 0) -> list[dict]:
         prefix = "\n".join(lines[:i] + [line[:cut]])
         suffix = "\n".join(lines[i + 1:])
         out.append({"prefix": prefix[-4000:], "suffix": suffix[:1000], "language": "python",
-                    "options": {"mode": "line", "maxTokens": 16}})
+                    "options": {"mode": "line", "maxTokens": 16}, "rest": line[cut:]})
     return out
+
+
+def request_bodies(client: int, clients: int, all_cases: list[dict], workload: str) -> list[bytes]:
+    """One client's requests. ``cold``: its share of the cases, each a new document. ``typing``:
+    an editor's session on each of its cases: the rest of the line typed one character at a time,
+    a request after every keystroke, under one document key (the service reuses the context)."""
+    mine = all_cases[client::clients] or all_cases[:1]
+    bodies = []
+    for j, case in enumerate(mine):
+        request = {k: v for k, v in case.items() if k != "rest"}
+        if workload == "cold":
+            bodies.append(json.dumps(request).encode())
+            continue
+        for i in range(len(case["rest"]) + 1):
+            bodies.append(json.dumps({**request, "prefix": case["prefix"] + case["rest"][:i],
+                                      "documentKey": f"client{client}/case{j}"}).encode())
+    return bodies
 
 
 class Server:
@@ -116,7 +134,8 @@ def client_loop(port: int, bodies: list[bytes], deadline: float, max_requests: i
         conn.close()
 
 
-def run_level(port: int, clients: int, all_cases: list[dict], seconds: float, max_requests: int) -> dict:
+def run_level(port: int, clients: int, all_cases: list[dict], seconds: float, max_requests: int,
+              workload: str = "cold") -> dict:
     latencies: list[float] = []
     sizes: list[int] = []
     errors: list[str] = []
@@ -124,7 +143,7 @@ def run_level(port: int, clients: int, all_cases: list[dict], seconds: float, ma
     deadline = time.monotonic() + seconds
     start = time.perf_counter()
     for c in range(clients):
-        mine = [json.dumps(case).encode() for case in all_cases[c::clients]] or [json.dumps(all_cases[0]).encode()]
+        mine = request_bodies(c, clients, all_cases, workload)
         threads.append(threading.Thread(target=client_loop, args=(port, mine, deadline, max_requests, latencies, sizes, errors)))
     for t in threads:
         t.start()
@@ -143,7 +162,7 @@ def engine_reference(all_cases: list[dict], model: str | None) -> dict:
 
     engine = Engine.load(model)
     requests = [InfillRequest(prefix=c["prefix"], suffix=c["suffix"], language=c["language"], mode="line",
-                              max_tokens=c["options"]["maxTokens"]) for c in all_cases[:16]]
+                              max_tokens=c["options"]["maxTokens"]) for c in all_cases[:16]]  # cold: new documents
     engine.infill(requests[0])
     start = time.perf_counter()
     for request in requests:
@@ -173,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
             if n == LEVELS[-1]:  # the engine reference, in the same stretch of time as the last level
                 reference = engine_reference(all_cases, args.model)
             for name in CONFIGS:
-                results[name].append(run_level(servers[name].port, n, all_cases, seconds, args.max_requests))
+                results[name].append(run_level(servers[name].port, n, all_cases, seconds, args.max_requests, args.workload))
     finally:
         for server in servers.values():
             server.stop()
@@ -190,7 +209,8 @@ def run(args: argparse.Namespace) -> dict:
     return {"benchmark": "service", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds_per_level": seconds,
             "max_requests_per_client": args.max_requests, "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "python": platform.python_version(), "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()], "case": "line infill, maxTokens 16, Python",
+            "load_average_after": [round(x, 2) for x in os.getloadavg()], "workload": args.workload,
+            "case": "line infill, maxTokens 16, Python" + (", typing sessions (documentKey)" if args.workload == "typing" else ""),
             "configs": {name: " ".join(extra) for name, extra in CONFIGS.items()}, "results": results, "engine_reference": reference,
             "summary": summary}
 
@@ -221,6 +241,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each level (default 10)")
     parser.add_argument("--max-requests", type=int, default=200, help="most requests per client per level (default 200)")
     parser.add_argument("--model", help="model directory (default: the bundled model)")
+    parser.add_argument("--workload", choices=("cold", "typing"), default="cold",
+                        help="cold: every request a new document; typing: editors' typing sessions, one document key each")
     args = parser.parse_args()
     report = run(args)
     if args.out:
