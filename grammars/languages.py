@@ -47,6 +47,8 @@ class Language:
     block_comment: tuple[str, str] | None = None
     # Matches the text of a line that ends where a block begins (`def f():`, `if (x) {`).
     header_pattern: re.Pattern[str] = field(default=re.compile(r"(?!)"), repr=False, compare=False)
+    # (line pattern, text that closes the block): how a completion that stops at a header is judged
+    block_fillers: tuple[tuple[re.Pattern[str], str], ...] = field(default=(), repr=False, compare=False)
     # Nodes whose named children are statements or members.
     block_node_types: frozenset[str] = frozenset()
     # Indentation is syntax (Python): every new logical line's indent is checked.
@@ -120,6 +122,7 @@ def _build(entry: dict) -> Language:
         line_comment=entry.get("line_comment"),
         block_comment=(block_comment[0], block_comment[1]) if block_comment else None,
         header_pattern=re.compile(entry.get("header_pattern") or r"(?!)"),
+        block_fillers=tuple((re.compile(pattern), text) for pattern, text in entry.get("block_fillers", ())),
         block_node_types=frozenset(entry.get("block_node_types", ())),
         indent_based=bool(entry.get("indent_based", False)),
         queries=queries,

@@ -344,6 +344,8 @@ class CursorSite:
         errors reaching it count as unfinished too.
         Lexical problems come first; when there are any, the parse is not consulted.
         """
+        if tolerate_open_end and self.language.block_fillers:
+            return self._judge_header(infill)
         if tolerate_open_end:
             closed = False
         doc = self.pre + infill + (self.suf if closed else b"")
@@ -370,6 +372,21 @@ class CursorSite:
             if stopped is not None:
                 unfinished = min(unfinished, stopped)
         return self._parse_problems(tree, doc, end, closed, unfinished)
+
+    def _judge_header(self, infill: bytes) -> list[Problem]:
+        """A single-line completion that stops at a block header: the block is the user's to type,
+        but the header must be a whole one (`if (x:` or `return import {` is not). Fine when the
+        suffix already holds the block, else judged with the least block that closes it (the
+        table's block_fillers) and the suffix after it."""
+        problems = self.judge(infill, True)
+        if not problems:
+            return []
+        line = (self.pre[self.line_start:] + infill).decode("utf-8", "replace").rstrip("\r\n")
+        for pattern, filler in self.language.block_fillers:
+            if pattern.search(line):
+                indent = re.match(r"[ \t]*", line).group()
+                return self.judge(infill + filler.replace("{indent}", indent).encode("utf-8"), True)
+        return problems
 
     def block_exit(self, infill: bytes) -> int | None:
         """Where the infill leaves the block it started in (byte offset into infill), if it does.
@@ -480,12 +497,11 @@ class CursorSite:
         length = end - self.cursor
         found = error_nodes(tree.root_node)
         if closed:
-            # Errors confined to the cursor's line and touching the cursor are the unfinished
-            # line the completion is meant to finish: they do not excuse the same error after it.
-            base = [
-                e for e in self.base_errors
-                if not (self.line_start <= e.start and e.end <= self.line_end and e.start <= self.cursor <= e.end)
-            ]
+            # Errors that begin on the cursor's line and reach the cursor are the unfinished
+            # construct the completion is meant to finish (however far tree-sitter's recovery
+            # stretches them): they do not excuse the same error after it. Errors that begin
+            # earlier (an unclosed bracket above) stay the user's.
+            base = [e for e in self.base_errors if not (self.line_start <= e.start <= self.cursor <= e.end)]
             fresh = new_errors(base, found, self.cursor, length)
         else:
             # More text may follow: errors reaching the unfinished end are not errors yet. The user's own

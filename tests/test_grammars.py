@@ -425,3 +425,31 @@ def test_random_canvases_never_blame_old_tokens(case):
         assert isinstance(critic.is_valid(completion), bool)
         for trim_mode in ("line", "block"):
             assert isinstance(trim_completion(prefix, completion, suffix, language, trim_mode), str)
+
+
+@pytest.mark.parametrize("header, valid", [
+    ("e) -> int:", True),  # finishes the line's header: the block is the user's to type
+    ("e:", False),  # a header with its parenthesis left open is no place to stop
+    ("e, other", False),  # neither is half a parameter list (the suffix is the next method)
+])
+def test_a_line_completion_may_leave_the_block_open_but_not_a_bracket(header, valid):
+    prefix = "class Version:\n    @property\n    def major(self) -> int: ...\n    @property\n    def minor(s"
+    suffix = "\n    @property\n    def micro(self) -> int: ...\n"
+    critic = SyntaxCritic(language_for("python"), prefix, suffix, "line")
+    assert critic.is_valid(header) is valid
+    if not valid:  # the constraint's last resort finds no valid prefix of it either
+        assert critic.longest_valid_prefix(header) is None
+
+
+@pytest.mark.parametrize("language_name, prefix, suffix, header, valid", [
+    ("go", "func f(ok bool) {\n\t", "\n}\n", "if ok {", True),
+    ("go", "func f(ok bool) string {\n\treturn ", "\n}\n", "import {", False),  # `{` ends it, but no header
+    ("javascript", "function f(x) {\n  ", "\n}\n", "for (const y of x) {", True),
+    ("javascript", "function f(x) {\n  ", "\n}\n", "for (const y of x {", False),
+    ("javascript", "switch (x) {\n  ", "\n}\n", "case 1:", True),
+    ("python", "def f(x):\n    ", "\n    return x\n", "if x:", True),
+    ("python", "def f(x):\n    if x:\n        ", "\n    return x\n", "with open(x) as f:", True),
+])
+def test_a_header_where_a_line_completion_stops_must_be_a_whole_one(language_name, prefix, suffix, header, valid):
+    critic = SyntaxCritic(language_for(language_name), prefix, suffix, "line")
+    assert critic.is_valid(header) is valid, critic.last_problems
