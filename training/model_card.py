@@ -4,9 +4,10 @@ set for this model and, when given, the model it replaces.
 
     difill eval evaluation/fimset --no-tests --report runs/cont/eval.json --model runs/cont/export
     python bench/layouts.py runs/compare-block runs/compare-bidirectional --out runs/layouts.json
+    python bench/engine.py --model runs/cont/export --out runs/engine.json
     python -m difill.training.model_card --earlier-run runs/small --run runs/cont --model runs/cont/export \\
         --report runs/cont/eval.json --previous-report runs/small/eval.json --layouts runs/layouts.json \\
-        --out runs/cont/export/MODEL_CARD.md
+        --engine runs/engine.json --out runs/cont/export/MODEL_CARD.md
 
 ``--earlier-run`` names the runs that the last one continued from (``init_from`` in its config),
 oldest first: the learning curve and the training totals add them up.
@@ -79,8 +80,24 @@ def score_table(report: dict, previous: dict | None) -> list[str]:
     return lines
 
 
+def decoding_section(engine: dict, decode_window: int | None) -> list[str]:
+    """bench/engine.py's decoding-order comparison and headline latencies, for this model."""
+    lines = ["## Decoding and speed", "",
+             f"The config recommends `decode_window: {decode_window}` to the engine (`EngineSettings.window`): each "
+             "denoising step commits the leftmost masked position and any sure one beside it, chosen by this "
+             "measurement (`python bench/engine.py`, same cases, syntax constraint on):", "",
+             "| variant | cases | exact | edit similarity | non-empty | steps | p50 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in engine.get("window", {}).items():
+        lines.append(f"| {name} | {row['cases']} | {fmt(row['exact'])} | {fmt(row['edit_similarity'])} | "
+                     f"{fmt(row['non_empty'])} | {fmt(row['steps_mean'])} | {fmt(row['p50_ms'])} |")
+    keys = ("p50_ms_line", "p95_ms_line", "p50_ms_block", "cold_p50_ms_line", "cold_p50_ms_line_1k", "speedup_vs_naive")
+    lines += ["", "Latency on this 2-core CPU (torch, one thread; warm = a typing session): " +
+              ", ".join(f"{k} {fmt(engine.get(k))}" for k in keys if engine.get(k) is not None) + ".", ""]
+    return lines
+
+
 def write_card(runs: list[Path], model: Path, report_path: Path, previous_path: Path | None, corpus: Path, out: Path,
-               layouts_path: Path | None = None) -> str:
+               layouts_path: Path | None = None, engine_path: Path | None = None) -> str:
     """``runs``: the runs that made the model, oldest first (a run may continue an earlier one)."""
     config = json.loads((model / "config.json").read_text())
     training = json.loads((model / "training.json").read_text())
@@ -158,6 +175,8 @@ def write_card(runs: list[Path], model: Path, report_path: Path, previous_path: 
         *[f"| {lang} | " + " | ".join(fmt(m.get(k)) for k in METRICS[:4]) + " |" for lang, m in report["by_language"].items()],
         "",
     ]
+    if engine_path:
+        lines += decoding_section(json.loads(engine_path.read_text()), config["extra"].get("decode_window"))
     if layouts:
         lines += [
             "## Attention layout: block diffusion against bidirectional",
@@ -189,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--earlier-run", type=Path, action="append", default=[],
                         help="a run that --run continued from (oldest first, repeatable)")
     parser.add_argument("--layouts", type=Path, help="bench/layouts.py's JSON: the attention layout comparison")
+    parser.add_argument("--engine", type=Path, help="bench/engine.py's JSON: decoding order and latency")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--previous-report", type=Path)
@@ -196,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     write_card([*args.earlier_run, args.run], args.model, args.report, args.previous_report, args.corpus, args.out,
-               args.layouts)
+               args.layouts, args.engine)
 
 
 if __name__ == "__main__":
