@@ -121,6 +121,8 @@ class CursorSite:
         self.line_start = self.pre.rfind(b"\n") + 1
         newline = self.suf.find(b"\n")
         self.line_end = self.cursor + (newline if newline != -1 else len(self.suf))
+        second = self.suf.find(b"\n", newline + 1) if newline != -1 else -1
+        self.next_line_end = self.cursor + (second if second != -1 else len(self.suf))  # the line after the cursor's
 
         # Where the cursor is: inside a string or comment that the document closes after it?
         self.context = self.base_spans.innermost(self.cursor, language.line_comment, self.base_text)
@@ -501,7 +503,10 @@ class CursorSite:
             # construct the completion is meant to finish (however far tree-sitter's recovery
             # stretches them): they do not excuse the same error after it. Errors that begin
             # earlier (an unclosed bracket above) stay the user's.
-            base = [e for e in self.base_errors if not (self.line_start <= e.start <= self.cursor <= e.end)]
+            # So are errors that begin just after the cursor, on its line or the next one: text that
+            # only breaks because the hole is empty (`func (r *T) |` + a body on the next line).
+            base = [e for e in self.base_errors
+                    if not (self.line_start <= e.start <= self.cursor <= e.end or self.cursor <= e.start <= self.next_line_end)]
             fresh = new_errors(base, found, self.cursor, length)
         else:
             # More text may follow: errors reaching the unfinished end are not errors yet. The user's own

@@ -453,3 +453,15 @@ def test_a_line_completion_may_leave_the_block_open_but_not_a_bracket(header, va
 def test_a_header_where_a_line_completion_stops_must_be_a_whole_one(language_name, prefix, suffix, header, valid):
     critic = SyntaxCritic(language_for(language_name), prefix, suffix, "line")
     assert critic.is_valid(header) is valid, critic.last_problems
+
+
+def test_errors_that_only_the_empty_hole_causes_are_the_completions_to_fix():
+    # The method header is missing: the body on the next line breaks only because the hole is
+    # empty, so a completion that leaves it broken (a comment) adds nothing valid.
+    prefix, suffix = "package p\n\ntype T struct{ x int }\n\nfunc (r *T) ", "\n\tr.x = 1\n}\n"
+    critic = SyntaxCritic(language_for("go"), prefix, suffix, "line")
+    assert critic.is_valid("Set() {")
+    assert not critic.is_valid("// set x")
+    # An error of the user's further down stays theirs.
+    broken_below = "\n\tr.x = 1\n}\n\nfunc g() {\n\treturn (\n}\n"
+    assert SyntaxCritic(language_for("go"), prefix, broken_below, "line").is_valid("Set() {")
