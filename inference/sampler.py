@@ -219,6 +219,12 @@ class Denoise:
             first = torch.where(ends_at.any(dim=1), ends_at.float().argmax(dim=1), torch.full((rows,), width))
             before_end = columns[None, :] < first[:, None]
             to_commit = masked & before_end & live
+            still_masked = to_commit.sum(dim=1).tolist()  # per row: what the fixed-steps schedule divides
+            if s.window is not None:
+                # Only the first masked positions may be committed: the output head runs on them alone.
+                share = [math.ceil(n / max(1, s.steps - step)) if s.steps is not None else 0 for n in still_masked]
+                limit = torch.tensor([max(s.window, k) for k in share])
+                to_commit &= to_commit.cumsum(dim=1) <= limit[:, None]
             select = to_commit | (valid & ~masked & before_end & live) if s.remask_below is not None else to_commit
             if use_confidence:
                 token_all, prob_all, score_all = self.confidence_fn(canvas, self._vetoes(rows, width), reviews)
@@ -251,10 +257,8 @@ class Denoise:
                 candidates = is_masked.nonzero()[:, 0]
                 if len(candidates) == 0:
                     continue
-                # A fixed number of steps commits k per step; the window widens to k if need be.
-                k = max(1, math.ceil(len(candidates) / max(1, s.steps - step))) if s.steps is not None else 1
-                if s.window is not None:  # positions are ascending: the leftmost masked ones
-                    candidates = candidates[: max(s.window, k)]
+                # A fixed number of steps commits k per step (the window widened to k above).
+                k = max(1, math.ceil(still_masked[r] / max(1, s.steps - step))) if s.steps is not None else 1
                 cand_pos = pos[candidates]
                 cand_scores = scores[sl][candidates]
                 if s.steps is not None:
