@@ -110,3 +110,10 @@ def test_a_run_continues_from_an_exported_model(tiny: dict) -> None:
                                                                       "n_kv_heads": 1, "intermediate_size": 64})
     with pytest.raises(SystemExit, match="another architecture"):
         train(other, tiny["root"] / "other")
+
+
+def test_a_continued_models_training_record_keeps_the_earlier_one(tiny: dict) -> None:
+    first = train(write_config(tiny, "record-first", max_steps=2), tiny["root"] / "record-first")
+    second = train(write_config(tiny, "record-second", init_from=str(first), max_steps=1), tiny["root"] / "record-second")
+    record = json.loads((second / "training.json").read_text())
+    assert record["steps"] == 1 and record["continued"]["steps"] == 2

@@ -231,8 +231,12 @@ def load_checkpoint(run: Path, model: Transformer, optimizer: torch.optim.Optimi
 
 
 def export(run: Path, model: Transformer, tokenizer_path: Path, card: dict, out: Path | None = None) -> Path:
-    """Write the Hugging Face layout that the engine loads: config.json, model.safetensors, tokenizer.json."""
+    """Write the Hugging Face layout that the engine loads: config.json, model.safetensors, tokenizer.json,
+    and training.json (this run's figures; under "continued" those of the model it started from)."""
     out = out or run / "export"
+    earlier = Path(card["config"].get("init_from") or "", "training.json")
+    if card["config"].get("init_from") and earlier.is_file():
+        card = {**card, "continued": json.loads(earlier.read_text())}
     out.mkdir(parents=True, exist_ok=True)
     config = {"model_type": "difill", **model.config.to_dict()}
     (out / "config.json").write_text(json.dumps(config, indent=1))
