@@ -113,9 +113,10 @@ class EngineSettings:
     threshold: float = 0.9
     policy: str = "confidence"
     # Semi-autoregressive decoding: each step commits the leftmost masked position and the sure
-    # ones among the first ``window`` (SamplerSettings.window). None: what the model's config
-    # recommends ("decode_window" in its extra settings, chosen by measurement for the bundled
-    # model), else off; 0: off (pure threshold decoding, the most confident position first).
+    # ones among the first ``window`` (SamplerSettings.window), in every mode. None: what the
+    # model's config recommends ("decode_window" in its extra settings: a number, or one per mode
+    # such as {"line": null, "block": 1}, chosen by measurement for the bundled model), else off;
+    # 0: off (pure threshold decoding, the most confident position first).
     window: int | None = None
     remask_below: float | None = None
     refresh_every: int = 4  # bidirectional models: steps between full forward passes
@@ -187,6 +188,7 @@ class _Job:
     done: bool = False
     latency_ms: float = 0.0
     cancel: Callable[[], bool] | None = None  # per request, in a batch (infill_batch)
+    window: int | None = None  # the decoding window of its mode (Engine.decode_windows)
     cancelled: bool = False
 
     @property
@@ -247,8 +249,12 @@ class Engine:
         self.block_layout = c.attention == "block" and c.prefix_token_id is not None
         self.context_tokens = int(c.extra.get("context_tokens", 1024))
         self.default_suffix_tokens = int(c.extra.get("suffix_tokens", 256))
-        window = self.settings.window if self.settings.window is not None else c.extra.get("decode_window")
-        self.decode_window = int(window) if window else None
+        recommended = c.extra.get("decode_window")
+        if self.settings.window is not None:
+            recommended = self.settings.window
+        per_mode = recommended if isinstance(recommended, dict) else dict.fromkeys(("line", "block"), recommended)
+        self.decode_windows: dict[str, int | None] = {mode: int(per_mode[mode]) if per_mode.get(mode) else None
+                                                      for mode in ("line", "block")}
         vocab = c.vocab_size
         pieces = tokenizer.pieces()
         end_ids = {c.end_token_id, *[int(i) for i in c.extra.get("end_token_ids", [])]}
@@ -333,7 +339,7 @@ class Engine:
         c = self.model.config
         return {"model": self.name, "parameters": self.n_params, "attention": c.attention, "backend": self.backend,
                 "device": self.device, "vocab_size": c.vocab_size, "layers": c.n_layers, "hidden_size": c.hidden_size,
-                "context_tokens": self.context_tokens, "decode_window": self.decode_window,
+                "context_tokens": self.context_tokens, "decode_windows": self.decode_windows,
                 "threads": torch.get_num_threads(),
                 "cached_documents": len(self._caches), "cache_bytes": self.cache_bytes()}
 
@@ -374,9 +380,9 @@ class Engine:
                 except (ValueError, RuntimeError) as exc:
                     results[i] = exc
             if self.block_layout:
-                groups: dict[int | None, list[tuple[int, _Job]]] = {}
-                for i, job in jobs:  # one sampler setting per forward pass: group by fixed steps
-                    groups.setdefault(job.request.steps, []).append((i, job))
+                groups: dict[tuple[int | None, int | None], list[tuple[int, _Job]]] = {}
+                for i, job in jobs:  # one sampler setting per forward pass: group by steps and window
+                    groups.setdefault((job.request.steps, job.window), []).append((i, job))
                 batches = list(groups.values())
             else:
                 batches = [[pair] for pair in jobs]
@@ -423,6 +429,7 @@ class Engine:
                    torch.Generator().manual_seed(request.seed), state, start)
         job.outputs = [[] for _ in range(request.candidates)]
         job.finished = [False] * request.candidates
+        job.window = self.decode_windows[mode]
         return job
 
     def _result(self, job: _Job) -> InfillResult:
@@ -468,10 +475,10 @@ class Engine:
                 texts[k] = ""
         return valid[0]
 
-    def _sampler_settings(self, steps: int | None) -> SamplerSettings:
+    def _sampler_settings(self, steps: int | None, window: int | None) -> SamplerSettings:
         s = self.settings
         return SamplerSettings(policy=s.policy, steps=steps, threshold=s.threshold, remask_below=s.remask_below,
-                               window=self.decode_window, temperature=0.8)  # read by the rows that sample (candidates after the first)
+                               window=window, temperature=0.8)  # read by the rows that sample (candidates after the first)
 
     def _denoise(self, jobs: list[_Job], cancel, on_step) -> None:
         """Block by block until every job has ended or reached its token budget."""
@@ -506,7 +513,7 @@ class Engine:
                 from difill.kernels.hooks import make_confidence_fn  # difill.kernels (issue 9): no logits on the host
 
                 confidence_fn = make_confidence_fn(self.model, active[0].state["cache"], max(lens), self._banned, s.policy)
-            denoise = Denoise(logits_fn, c.mask_token_id, is_end, self._banned, self._sampler_settings(active[0].request.steps),
+            denoise = Denoise(logits_fn, c.mask_token_id, is_end, self._banned, self._sampler_settings(active[0].request.steps, active[0].window),
                               piece=self.tokenizer.piece, critics=critics if any(critics) else (), cancel=cancel,
                               row_cancel=[j.cancel for j in active for _ in range(j.rows)] if any(j.cancel for j in active) else (),
                               on_step=on_step, generators=[j.generator for j in active for _ in range(j.rows)],

@@ -111,11 +111,12 @@ def test_mode_and_request_validation():
 
 def test_decode_window_comes_from_the_model_config_unless_set(engine):
     recommended = engine.model.config.extra.get("decode_window")
-    assert engine.decode_window == (int(recommended) if recommended else None)
-    assert engine.describe()["decode_window"] == engine.decode_window
+    per_mode = recommended if isinstance(recommended, dict) else {"line": recommended, "block": recommended}
+    assert engine.decode_windows == {mode: (int(per_mode[mode]) if per_mode.get(mode) else None) for mode in ("line", "block")}
+    assert engine.describe()["decode_windows"] == engine.decode_windows
     off = Engine(engine.model, engine.tokenizer, settings=EngineSettings(window=0))
     left_to_right = Engine(engine.model, engine.tokenizer, settings=EngineSettings(window=1))
-    assert off.decode_window is None and left_to_right.decode_window == 1
+    assert off.decode_windows == {"line": None, "block": None} and left_to_right.decode_windows == {"line": 1, "block": 1}
     request = line_request(LINE_AT[1], max_tokens=8)
     views: list[StepView] = []
     left_to_right.infill(request, on_step=views.append)

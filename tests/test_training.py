@@ -101,11 +101,13 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(tiny: dict) -> No
 
 def test_a_run_continues_from_an_exported_model(tiny: dict) -> None:
     first = train(write_config(tiny, "first", max_steps=4), tiny["root"] / "first")
-    config = write_config(tiny, "second", init_from=str(first), max_steps=0, decode_window=1)
+    config = write_config(tiny, "second", init_from=str(first), max_steps=0,
+                          decode_window={"line": None, "block": 1})
     second = train(config, tiny["root"] / "second")  # no step taken: the weights are the first run's
     a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert Engine.load(second).decode_window == 1  # the engine default that the config recommends
+    # the engine's default that the config recommends, per mode
+    assert Engine.load(second).decode_windows == {"line": None, "block": 1}
     other = write_config(tiny, "other", init_from=str(first), model={"hidden_size": 64, "n_layers": 2, "n_heads": 2,
                                                                       "n_kv_heads": 1, "intermediate_size": 64})
     with pytest.raises(SystemExit, match="another architecture"):

@@ -80,12 +80,13 @@ def score_table(report: dict, previous: dict | None) -> list[str]:
     return lines
 
 
-def decoding_section(engine: dict, decode_window: int | None) -> list[str]:
+def decoding_section(engine: dict, decode_window: int | dict | None) -> list[str]:
     """bench/engine.py's decoding-order comparison and headline latencies, for this model."""
     lines = ["## Decoding and speed", "",
-             f"The config recommends `decode_window: {decode_window}` to the engine (`EngineSettings.window`): each "
-             "denoising step commits the leftmost masked position and any sure one beside it, chosen by this "
-             "measurement (`python bench/engine.py`, same cases, syntax constraint on):", "",
+             f"The config recommends `decode_window: {json.dumps(decode_window)}` to the engine (`EngineSettings.window`): "
+             "with a window, each denoising step commits the leftmost masked position and any sure one beside it "
+             "(semi-autoregressive); without, the most confident positions first. Chosen per mode by this "
+             "measurement (`python bench/engine.py`, held-out Python holes, syntax constraint on):", "",
              "| variant | cases | exact | edit similarity | non-empty | steps | p50 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, row in engine.get("window", {}).items():
         lines.append(f"| {name} | {row['cases']} | {fmt(row['exact'])} | {fmt(row['edit_similarity'])} | "

@@ -59,7 +59,9 @@ class TrainConfig:
     bf16: bool = True
     compile: bool = False
     init_from: str | None = None  # a model directory (Hugging Face layout) whose weights a new run starts from
-    decode_window: int | None = None  # the engine's default semi-autoregressive window for this model (bench/engine.py)
+    # The engine's default semi-autoregressive window for this model: a number, or one per mode
+    # ({"line": null, "block": 1}); chosen by measurement (bench/engine.py's window section).
+    decode_window: int | dict | None = None
     seed: int = 0
     log_every: int = 10
     eval_every: int = 250
