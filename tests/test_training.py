@@ -119,3 +119,23 @@ def test_a_continued_models_training_record_keeps_the_earlier_one(tiny: dict) ->
     second = train(write_config(tiny, "record-second", init_from=str(first), max_steps=1), tiny["root"] / "record-second")
     record = json.loads((second / "training.json").read_text())
     assert record["steps"] == 1 and record["continued"]["steps"] == 2
+
+
+def test_the_model_card_reads_the_whole_history_from_the_exported_model(tiny: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from difill.training.model_card import write_card
+
+    first = train(write_config(tiny, "card-first", max_steps=4, eval_every=2), tiny["root"] / "card-first")
+    second = train(write_config(tiny, "card-second", init_from=str(first), max_steps=2, eval_every=2),
+                   tiny["root"] / "card-second")
+    shutil.rmtree(tiny["root"] / "card-first")  # run folders do not travel between sessions; the card needs none
+    metrics = {"cases": 2, "exact_match": 0.5, "edit_similarity": 0.7, "syntax_valid_rate": 1.0,
+               "non_empty_rate": 1.0, "latency_p50_ms": 12.0}
+    report = tmp_path / "eval.json"
+    report.write_text(json.dumps({"metrics": metrics, "by_kind": {"line": metrics}, "by_language": {"python": metrics}}))
+    card = write_card(second, report, None, tiny["corpus"], tmp_path / "MODEL_CARD.md")
+    assert "| card-first | 4 |" in card and "| card-second | 2 |" in card
+    assert "- 6 steps," in card
+    curve = [line for line in card.splitlines() if line.startswith("| 2 |") or line.startswith("| 4 |") or line.startswith("| 6 |")]
+    assert len(curve) == 3  # steps 2 and 4 of the first run, step 2 of the second counted from the first's start

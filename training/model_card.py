@@ -5,12 +5,12 @@ set for this model and, when given, the model it replaces.
     difill eval evaluation/fimset --no-tests --report runs/cont/eval.json --model runs/cont/export
     python bench/layouts.py runs/compare-block runs/compare-bidirectional --out runs/layouts.json
     python bench/engine.py --model runs/cont/export --out runs/engine.json
-    python -m difill.training.model_card --earlier-run runs/small --run runs/cont --model runs/cont/export \\
+    python -m difill.training.model_card --model runs/cont/export \\
         --report runs/cont/eval.json --previous-report runs/small/eval.json --layouts runs/layouts.json \\
         --engine runs/engine.json --out runs/cont/export/MODEL_CARD.md
 
-``--earlier-run`` names the runs that the last one continued from (``init_from`` in its config),
-oldest first: the learning curve and the training totals add them up.
+The training history (runs, totals, learning curve) comes from the model's own training.json,
+which nests the record of every model it continued from: no run folder is needed.
 """
 
 from __future__ import annotations
@@ -22,29 +22,32 @@ from pathlib import Path
 METRICS = ("exact_match", "edit_similarity", "syntax_valid_rate", "non_empty_rate", "latency_p50_ms")
 
 
-def learning_curve(runs: list[Path]) -> list[dict]:
+def training_history(record: dict) -> list[dict]:
+    """The runs that made a model, oldest first: its training.json record and, nested under
+    "continued", the records of the models it continued from."""
+    chain: list[dict] = []
+    while record:
+        chain.insert(0, record)
+        record = record.get("continued")
+    return chain
+
+
+def learning_curve(history: list[dict]) -> list[dict]:
     """Validation records of the runs in order, tokens and steps counted from the first run's start."""
     curve: list[dict] = []
     step_offset = token_offset = 0
-    for run in runs:
-        rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-        curve += [{**r, "step": r["step"] + step_offset, "tokens": r["tokens"] + token_offset}
-                  for r in rows if "val_masked_ce" in r]
-        state = json.loads((run / "ckpt" / "state.json").read_text())
-        step_offset += state["step"]
-        token_offset += state["tokens"]
+    for record in history:
+        curve += [{**r, "step": r["step"] + step_offset, "tokens": r["tokens"] + token_offset} for r in record.get("curve", [])]
+        step_offset += record["steps"]
+        token_offset += record["tokens"]
     return curve
 
 
-def training_stages(runs: list[Path]) -> list[dict]:
-    """Per run: its config file's settings, steps, tokens and seconds (from its checkpoint state)."""
-    stages = []
-    for run in runs:
-        state = json.loads((run / "ckpt" / "state.json").read_text())
-        config = json.loads((run / "config.json").read_text())
-        stages.append({"run": run.name, "steps": state["step"], "tokens": state["tokens"], "seconds": state["seconds"],
-                       "batch_size": config["batch_size"], "lr": config["lr"], "init_from": config.get("init_from")})
-    return stages
+def training_stages(history: list[dict]) -> list[dict]:
+    """Per run: its name, steps, tokens, seconds and the settings that distinguish it."""
+    return [{"run": r.get("run") or f"run {i + 1}", "steps": r["steps"], "tokens": r["tokens"], "seconds": r["train_seconds"],
+             "batch_size": r["config"]["batch_size"], "lr": r["config"]["lr"], "init_from": r["config"].get("init_from"),
+             "hardware": r.get("hardware", "CPU")} for i, r in enumerate(history)]
 
 
 def layout_table(layouts: dict) -> list[str]:
@@ -97,12 +100,13 @@ def decoding_section(engine: dict, decode_window: int | dict | None) -> list[str
     return lines
 
 
-def write_card(runs: list[Path], model: Path, report_path: Path, previous_path: Path | None, corpus: Path, out: Path,
+def write_card(model: Path, report_path: Path, previous_path: Path | None, corpus: Path, out: Path,
                layouts_path: Path | None = None, engine_path: Path | None = None) -> str:
-    """``runs``: the runs that made the model, oldest first (a run may continue an earlier one)."""
+    """The card of the exported model in ``model``; its training history comes from its training.json."""
     config = json.loads((model / "config.json").read_text())
     training = json.loads((model / "training.json").read_text())
-    stages = training_stages(runs)
+    history = training_history(training)
+    stages = training_stages(history)
     total_steps = sum(st["steps"] for st in stages)
     total_tokens = sum(st["tokens"] for st in stages)
     total_minutes = sum(st["seconds"] for st in stages) / 60
@@ -112,7 +116,7 @@ def write_card(runs: list[Path], model: Path, report_path: Path, previous_path: 
     manifest = json.loads((corpus / "MANIFEST.json").read_text()) if (corpus / "MANIFEST.json").exists() else {}
     stats = manifest.get("stats", {})
     size_mb = sum(p.stat().st_size for p in model.iterdir() if p.is_file()) / 2**20
-    curve = learning_curve(runs)
+    curve = learning_curve(history)
     line_kinds = [report["by_kind"][k] for k in ("line", "line-tail") if k in report["by_kind"]]
     line_exact = sum(m["exact_match"] * m["cases"] for m in line_kinds) / max(1, sum(m["cases"] for m in line_kinds))
     lines = [
@@ -141,13 +145,13 @@ def write_card(runs: list[Path], model: Path, report_path: Path, previous_path: 
         "`more-itertools` and the other sources of `evaluation/fimset` (also when vendored inside another package).",
         "- Objective: MDLM on infill-shaped canvases (line tails, whole lines, blocks, random spans; the canvas is "
         "padded with `<|eoi|>` so the model learns where an infill ends), plus next-token loss on the causal context.",
-        f"- {total_steps} steps, {total_tokens / 1e6:.1f}M tokens, {total_minutes:.0f} minutes on a 2-core CPU "
-        f"(shared with other work), bf16 autocast, in {len(stages)} run(s), each continuing the last:",
+        f"- {total_steps} steps, {total_tokens / 1e6:.1f}M tokens, {total_minutes:.0f} minutes of training, bf16 autocast, "
+        f"in {len(stages)} run(s), each continuing the last:",
         "",
-        "| run | steps | tokens | minutes | batch | peak lr | started from |",
-        "|---|---:|---:|---:|---:|---:|---|",
-        *[f"| {st['run']} | {st['steps']} | {st['tokens'] / 1e6:.1f}M | {st['seconds'] / 60:.0f} | {st['batch_size']} | "
-          f"{st['lr']} | {st['init_from'] or 'random initialisation'} |" for st in stages],
+        "| run | steps | tokens | minutes | hardware | batch | peak lr | started from |",
+        "|---|---:|---:|---:|---|---:|---:|---|",
+        *[f"| {st['run']} | {st['steps']} | {st['tokens'] / 1e6:.1f}M | {st['seconds'] / 60:.0f} | {st['hardware']} | "
+          f"{st['batch_size']} | {st['lr']} | {st['init_from'] or 'random initialisation'} |" for st in stages],
         "",
         "The configs are in `training/configs/` (`small.json`, then `small-continue.json`).",
         "",
@@ -205,9 +209,6 @@ def write_card(runs: list[Path], model: Path, report_path: Path, previous_path: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="the run that produced the model")
-    parser.add_argument("--earlier-run", type=Path, action="append", default=[],
-                        help="a run that --run continued from (oldest first, repeatable)")
     parser.add_argument("--layouts", type=Path, help="bench/layouts.py's JSON: the attention layout comparison")
     parser.add_argument("--engine", type=Path, help="bench/engine.py's JSON: decoding order and latency")
     parser.add_argument("--model", type=Path, required=True)
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    write_card([*args.earlier_run, args.run], args.model, args.report, args.previous_report, args.corpus, args.out,
+    write_card(args.model, args.report, args.previous_report, args.corpus, args.out,
                args.layouts, args.engine)
 
 

@@ -232,6 +232,18 @@ def load_checkpoint(run: Path, model: Transformer, optimizer: torch.optim.Optimi
     return state
 
 
+def training_record(run: Path, cfg: TrainConfig, state: dict, n_params: int) -> dict:
+    """What the exported model's training.json says of this run: its totals, config, hardware and
+    learning curve (the validation records of its log). The model carries its own history, so a
+    model card can be written after the run folder is gone (runs/ never travels between sessions)."""
+    log_path = run / "log.jsonl"
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
+    hardware = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{torch.get_num_threads()} CPU threads"
+    return {"run": run.name, "steps": state["step"], "tokens": state["tokens"], "train_seconds": round(state["seconds"]),
+            "parameters": n_params, "config": asdict(cfg), "hardware": hardware,
+            "curve": [r for r in rows if "val_masked_ce" in r]}
+
+
 def export(run: Path, model: Transformer, tokenizer_path: Path, card: dict, out: Path | None = None) -> Path:
     """Write the Hugging Face layout that the engine loads: config.json, model.safetensors, tokenizer.json,
     and training.json (this run's figures; under "continued" those of the model it started from)."""
@@ -346,9 +358,7 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
             save_checkpoint(run, model, optimizer, state, generator)
     state["sampler_rng"] = train_sampler.rng.getstate()
     save_checkpoint(run, model, optimizer, state, generator)
-    card = {"steps": state["step"], "tokens": state["tokens"], "train_seconds": round(state["seconds"]),
-            "parameters": n_params, "config": asdict(cfg), "hardware": f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else torch.cuda.get_device_name()}
-    out = export(run, model, Path(cfg.tokenizer), card)
+    out = export(run, model, Path(cfg.tokenizer), training_record(run, cfg, state, n_params))
     log.info("exported %s", out)
     return out
 
@@ -360,9 +370,8 @@ def export_checkpoint(config_path: Path, run: Path, out: Path) -> Path:
     model = Transformer(model_config_for(cfg, tokenizer))
     state = json.loads((run / "ckpt" / "state.json").read_text())
     model.load_state_dict(load_file(str(run / "ckpt" / "model.safetensors")), strict=False)
-    card = {"steps": state["step"], "tokens": state["tokens"], "train_seconds": round(state["seconds"]),
-            "parameters": sum(p.numel() for p in model.parameters()), "config": asdict(cfg)}
-    return export(run, model, Path(cfg.tokenizer), card, out)
+    record = training_record(run, cfg, state, sum(p.numel() for p in model.parameters()))
+    return export(run, model, Path(cfg.tokenizer), record, out)
 
 
 def main(argv: list[str] | None = None) -> None:
