@@ -19,7 +19,7 @@ Sections:
 
 * warm: a recorded typing session per case (the reference typed one character at a time, a
   request after every keystroke, one document key): latency p50/p95 and the share of the context
-  reused from the cache; ``--backends`` torch, onnx, onnx-int8.
+  reused from the cache; ``--backends`` torch, torch-bf16 (bfloat16 weights), onnx, onnx-int8.
 * block: 64-token infills (the end token disabled, so every request decodes 64 real tokens):
   latency and tokens/s, warm (one keystroke after a first request on the document).
 * cold: new documents, the model's own context budget, and a 1k-token context (budgets raised).
@@ -27,7 +27,7 @@ Sections:
   step, one token per step, same canvas and stopping rule): speed-up and exact match of both.
 * window: decoding order, pure threshold decoding against the semi-autoregressive window (the
   leftmost masked position every step): exact match, edit similarity, non-empty rate, steps.
-* agreement: completions of onnx and onnx-int8 against torch on the same cases.
+* agreement: completions of torch-bf16, onnx and onnx-int8 against torch on the same cases.
 * batch: 8 requests through ``infill_batch`` against one by one.
 * threads: 1 against 2 torch threads.
 * refresh: the approximate cache of bidirectional models (Fast-dLLM ``refresh_every``): agreement
@@ -130,11 +130,13 @@ def pct(values: list[float], q: float) -> float:
 
 # ---------------------------------------------------------------------------- engines
 def load_engines(names: list[str], model: str | None, threads: int | None = None) -> dict:
+    """Engines by bench name: a backend of Engine.load, or "torch-bf16" (torch with bfloat16 weights)."""
     from difill.inference.engine import Engine, EngineSettings
 
     engines = {}
     for name in names:
-        engines[name] = Engine.load(model, backend=name, settings=EngineSettings(threads=threads))
+        backend, dtype = ("torch", "bfloat16") if name == "torch-bf16" else (name, None)
+        engines[name] = Engine.load(model, backend=backend, settings=EngineSettings(threads=threads, dtype=dtype))
     return engines
 
 
@@ -526,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON object to this file")
     parser.add_argument("--quick", action="store_true", help="fewer cases (a smoke run)")
     parser.add_argument("--model", help="model directory (default: the bundled model)")
-    parser.add_argument("--backends", default="torch,onnx,onnx-int8")
+    parser.add_argument("--backends", default="torch,torch-bf16,onnx,onnx-int8")
     parser.add_argument("--sections", default="warm,block,cold,naive,window,agreement,batch,threads,refresh")
     parser.add_argument("--bidirectional-model", help="a real bidirectional checkpoint for the refresh section")
     parser.add_argument("--gpu-7b", action="store_true", help="Dream-Coder-7B shapes in bf16 on CUDA")
@@ -586,8 +588,11 @@ def main(argv: list[str] | None = None) -> int:
     headline["onnx_over_torch"] = round(torch_p50 / onnx_p50, 2) if torch_p50 and onnx_p50 else None  # >1: ONNX faster
     int8_p50 = report["backends"].get("onnx-int8", {}).get("p50_ms_line")
     headline["onnx_int8_over_torch"] = round(torch_p50 / int8_p50, 2) if torch_p50 and int8_p50 else None
-    if "batch" in report and "torch" in report["batch"]:
-        headline["batch8_speedup"] = report["batch"]["torch"]["speedup"]
+    bf16_p50 = report["backends"].get("torch-bf16", {}).get("p50_ms_line")
+    headline["bf16_over_torch"] = round(torch_p50 / bf16_p50, 2) if torch_p50 and bf16_p50 else None
+    for name, key in (("torch", "batch8_speedup"), ("torch-bf16", "batch8_speedup_bf16")):
+        if name in report.get("batch", {}):
+            headline[key] = report["batch"][name]["speedup"]
     report = {**headline, **report}
     emit(report, args, render)
     return 0

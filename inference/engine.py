@@ -125,8 +125,23 @@ class EngineSettings:
     prefix_quantum_lines: int = 4  # the prefix starts on a multiple of this line (cache stability)
     fill_after_end: bool = True  # an end-of-infill token fills the rest of its canvas at once
     threads: int | None = None  # torch CPU threads; None: 1 for small models (Engine.load), else torch's default
+    # Weights and activations of the torch backend: "float32" or "bfloat16"; None: bfloat16 on
+    # CUDA, float32 on the CPU. bfloat16 on a CPU with AMX tiles runs batches several times
+    # faster (bench/engine.py, "dtype"), but rounds differently between a cached and a fresh
+    # context, so a completion is no longer bit-reproducible across the two: an opt-in for
+    # throughput (difill serve-model --dtype bfloat16), not the default.
+    dtype: str | None = None
     use_kernels: bool = True  # CUDA only: the fused kernels of difill.kernels when they are installed
     onnx_int8: bool = False  # --backend onnx on the CPU: int8 weights (bench/README.md: speed and agreement)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cpu_has_bfloat16_units() -> bool:
+    """AMX tiles: oneDNN runs bfloat16 matrix products on them (elsewhere it emulates them)."""
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # private in torch 2.x: absent means no
+    return bool(has_amx())
 
 
 class TorchDenoiser:
@@ -306,7 +321,13 @@ class Engine:
             tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
         except TokenizerError as exc:
             raise ModelLoadError(str(exc)) from exc
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        if settings.dtype not in (None, *DTYPES):
+            raise ValueError(f"unknown dtype {settings.dtype!r} ({', '.join(DTYPES)})")
+        if settings.dtype and backend != "torch":
+            raise ValueError(f"dtype {settings.dtype!r} is for the torch backend; ONNX Runtime runs float32 or int8 weights")
+        dtype = DTYPES[settings.dtype or ("bfloat16" if device == "cuda" else "float32")]
+        if dtype == torch.bfloat16 and device == "cpu" and not cpu_has_bfloat16_units():
+            log.warning("bfloat16 on a CPU without AMX tiles is emulated and slower than float32")
         net = load_model(directory, device=device, dtype=dtype)
         if tokenizer.vocab_size > net.config.vocab_size:
             raise ModelLoadError(f"{directory / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, more than the model's "
@@ -338,7 +359,7 @@ class Engine:
     def describe(self) -> dict:
         c = self.model.config
         return {"model": self.name, "parameters": self.n_params, "attention": c.attention, "backend": self.backend,
-                "device": self.device, "vocab_size": c.vocab_size, "layers": c.n_layers, "hidden_size": c.hidden_size,
+                "device": self.device, "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."), "vocab_size": c.vocab_size, "layers": c.n_layers, "hidden_size": c.hidden_size,
                 "context_tokens": self.context_tokens, "decode_windows": self.decode_windows,
                 "threads": torch.get_num_threads(),
                 "cached_documents": len(self._caches), "cache_bytes": self.cache_bytes()}

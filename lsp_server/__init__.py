@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def run(model: str | None = None, backend: str = "torch", device: str = "cpu", tcp: str | None = None,
-        log_file: str | None = None) -> int:
+        log_file: str | None = None, dtype: str | None = None) -> int:
     """Serve one client over stdio (or the first connection on ``tcp`` = "HOST:PORT").
 
     Nothing may reach stdout but protocol messages: in stdio mode the protocol gets a private
@@ -30,7 +30,7 @@ def run(model: str | None = None, backend: str = "torch", device: str = "cpu", t
     from difill.lsp_server.transport import FdReader
 
     _setup_logging(log_file)
-    server = build_server(Settings(model=model, backend=backend, device=device))
+    server = build_server(Settings(model=model, backend=backend, device=device, dtype=dtype))
     root = logging.getLogger()
     handler = ClientLogHandler(server, max(root.level, logging.INFO) if root.level else logging.INFO)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

@@ -9,6 +9,7 @@ file must never take completion down. docs/protocol.md lists every key with its 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,6 +22,7 @@ class Settings:
     model: str | None = None  # model directory; None: the bundled model (or the CLI's --model)
     backend: str = "torch"
     device: str = "cpu"
+    dtype: str | None = None  # torch weights: None (bfloat16 on CUDA, float32 on the CPU), "float32", "bfloat16"
     steps: int | None = None  # None: confidence-threshold decoding
     max_tokens: int | None = None  # None: the engine's default for the mode
     mode: str = "auto"  # "auto" | "line" | "block"
@@ -72,10 +74,10 @@ def _bool(value: Any) -> bool:
     return value
 
 
-def _choice(*choices: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
+def _choice(*choices: str | None) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
         if value not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+            raise ValueError(f"expected one of {', '.join(map(json.dumps, choices))}, got {value!r}")
         return value
     return check
 
@@ -100,6 +102,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "model": _optional_str,
     "backend": _choice("torch", "onnx"),
     "device": _choice("cpu", "cuda"),
+    "dtype": _choice(None, "float32", "bfloat16"),
     "steps": _optional_int(1, 1024),
     "max_tokens": _optional_int(1, 1024),
     "mode": _choice("auto", "line", "block"),
@@ -145,7 +148,7 @@ def update(settings: Settings, options: Any) -> tuple[Settings, list[str]]:
 
 
 def model_changed(old: Settings, new: Settings) -> bool:
-    return (old.model, old.backend, old.device) != (new.model, new.backend, new.device)
+    return (old.model, old.backend, old.device, old.dtype) != (new.model, new.backend, new.device, new.dtype)
 
 
 __all__ = ["Settings", "update", "model_changed", "KEYS"]

@@ -85,7 +85,7 @@ class EngineHost:
         return self._jobs.qsize()
 
     # ---------------------------------------------------------------- loading
-    def load(self, loop: asyncio.AbstractEventLoop, model: str | None, backend: str, device: str,
+    def load(self, loop: asyncio.AbstractEventLoop, model: str | None, backend: str, device: str, dtype: str | None,
              on_done: Callable[[str, str], None] | None = None) -> asyncio.Future:
         """Queue a (re)load; ``on_done(state, message)`` runs on the event loop afterwards."""
         self._generation += 1
@@ -93,7 +93,7 @@ class EngineHost:
         self.state, self.message = LOADING, f"loading {model or 'the bundled model'} ({backend}, {device})"
 
         def load_model() -> tuple[str, str]:
-            from difill.inference.engine import Engine
+            from difill.inference.engine import Engine, EngineSettings
             from difill.inference.loader import ModelLoadError
 
             start = time.perf_counter()
@@ -103,7 +103,7 @@ class EngineHost:
 
                     engine = RemoteEngine(model)
                 else:
-                    engine = Engine.load(model, backend=backend, device=device)
+                    engine = Engine.load(model, backend=backend, device=device, settings=EngineSettings(dtype=dtype))
             except (ModelLoadError, ValueError, OSError, RuntimeError, ImportError) as exc:
                 return FAILED, f"cannot load the model: {exc}"
             self.load_ms = (time.perf_counter() - start) * 1000

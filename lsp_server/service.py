@@ -138,7 +138,7 @@ class Service:
                 listener(state, message)
 
         assert self.loop is not None
-        self.host.load(self.loop, s.model, s.backend, s.device, done)
+        self.host.load(self.loop, s.model, s.backend, s.device, s.dtype, done)
 
     def configure(self, options: Any) -> list[str]:
         """Apply settings from the client; reload the model if its path, backend or device changed."""

@@ -51,13 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
-    """ServiceSettings from parsed options (and the CLI's global --model/--backend/--device)."""
+    """ServiceSettings from parsed options (and the CLI's global --model/--backend/--device/--dtype)."""
     return ServiceSettings(
         host=args.host, port=args.port, token=args.token or os.environ.get(TOKEN_ENV) or None,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes, rate_limit=args.rate_limit, rate_burst=args.rate_burst,
         max_tokens_cap=args.max_tokens_cap, model=getattr(args, "model", None), backend=getattr(args, "backend", "torch"),
-        device=getattr(args, "device", "cpu"), ray=args.ray, min_replicas=args.min_replicas,
+        device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", None), ray=args.ray, min_replicas=args.min_replicas,
         max_replicas=args.max_replicas, replica_cpus=args.replica_cpus)
 
 

@@ -258,9 +258,10 @@ class InferenceService:
     @classmethod
     def load(cls, settings: ServiceSettings, replica: str = "local") -> "InferenceService":
         """Load the model (errors: ModelLoadError naming the file) and warm it up."""
-        from difill.inference.engine import Engine, InfillRequest
+        from difill.inference.engine import Engine, EngineSettings, InfillRequest
 
-        engine = Engine.load(settings.model, backend=settings.backend, device=settings.device)
+        engine = Engine.load(settings.model, backend=settings.backend, device=settings.device,
+                             settings=EngineSettings(dtype=settings.dtype))
         engine.infill(InfillRequest(prefix="x = ", suffix="\n", mode="line", max_tokens=2))
         return cls(engine, settings, replica)
 

@@ -121,6 +121,10 @@ def test_info_lists_model_backend_device_and_languages() -> None:
     assert info["backend"] == "torch" and info["device"] == "cpu"
     assert info["parameters"] > 1_000_000
     assert {"python", "javascript", "typescript", "go", "rust", "java", "c", "cpp"} <= set(info["languages"])
+    assert info["dtype"] == "float32"  # the CPU default; --dtype picks another
+    assert json.loads(difill_cli("info", "--json", "--dtype", "bfloat16").stdout)["dtype"] == "bfloat16"
+    clash = difill_cli("info", "--backend", "onnx", "--dtype", "bfloat16")
+    assert clash.returncode == 2 and "torch backend" in clash.stderr and "Traceback" not in clash.stderr
 
 
 def test_demo_completes_the_bundled_sample() -> None:

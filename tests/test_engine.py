@@ -109,6 +109,20 @@ def test_mode_and_request_validation():
         InfillRequest(prefix=None)  # type: ignore[arg-type]
 
 
+def test_bfloat16_weights_on_request(engine):
+    fast = Engine.load(settings=EngineSettings(dtype="bfloat16"))
+    assert fast.describe()["dtype"] == "bfloat16" and engine.describe()["dtype"] == "float32"  # the CPU default
+    assert next(fast.model.parameters()).dtype == torch.bfloat16
+    requests = [line_request(offset, max_tokens=8) for offset in LINE_AT]
+    alone = [fast.infill(r) for r in requests]
+    together = fast.infill_batch(requests)
+    assert all(isinstance(r.completion, str) and r.steps >= 1 for r in alone + together)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        Engine.load(settings=EngineSettings(dtype="float16"))
+    with pytest.raises(ValueError, match="torch backend"):
+        Engine.load(backend="onnx", settings=EngineSettings(dtype="bfloat16"))
+
+
 def test_decode_window_comes_from_the_model_config_unless_set(engine):
     recommended = engine.model.config.extra.get("decode_window")
     per_mode = recommended if isinstance(recommended, dict) else {"line": recommended, "block": recommended}

@@ -35,6 +35,10 @@ def test_model_change_is_detected() -> None:
     assert config.model_changed(config.Settings(), s)
     s, _ = config.update(config.Settings(), {"steps": 3})
     assert not config.model_changed(config.Settings(), s)
+    s, warnings = config.update(config.Settings(), {"dtype": "bfloat16"})
+    assert s.dtype == "bfloat16" and not warnings and config.model_changed(config.Settings(), s)
+    s, warnings = config.update(s, {"dtype": "float16"})
+    assert s.dtype == "bfloat16" and warnings  # not a choice: ignored, the previous value stays
 
 
 def test_languages_filter() -> None:

@@ -403,7 +403,7 @@ def test_language_server_host_uses_a_service_url(local: ThreadServer, monkeypatc
 
     async def scenario():
         loop = asyncio.get_running_loop()
-        state = await host.load(loop, local.url, "torch", "cpu")
+        state = await host.load(loop, local.url, "torch", "cpu", None)
         request = InfillRequest(prefix=PREFIX, suffix="\n", max_tokens=4)
         result = await host.submit(loop, lambda: host.engine.infill(request), None)
         return state, result
