@@ -6,6 +6,7 @@ against the number of concurrent clients, with dynamic batching and without it.
     python bench/service.py --out FILE     # the JSON object into FILE as well
     python bench/service.py --quick        # shorter levels, for a smoke run
     python bench/service.py --workload typing   # editors typing: a request per keystroke, one document key each
+    python bench/service.py --dtype bfloat16    # bfloat16 weights (several times faster batches on AMX CPUs)
 
 Two real ``difill serve-model`` processes run on 127.0.0.1, batched (``--max-batch 16``) and
 unbatched (``--max-batch 1``); level by level, alternating between them, 1, 4 and 16 clients each send
@@ -88,9 +89,9 @@ def request_bodies(client: int, clients: int, all_cases: list[dict], workload: s
 class Server:
     """A ``difill serve-model`` subprocess on a free loopback port."""
 
-    def __init__(self, extra: list[str], model: str | None):
+    def __init__(self, extra: list[str], model: str | None, dtype: str | None = None):
         args = [sys.executable, "-m", "difill"] + (["--model", model] if model else []) + \
-               ["serve-model", "--host", "127.0.0.1", "--port", "0", "--rate-limit", "0", *extra]
+               (["--dtype", dtype] if dtype else []) + ["serve-model", "--host", "127.0.0.1", "--port", "0", "--rate-limit", "0", *extra]
         self.process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 180
         line = ""
@@ -156,11 +157,11 @@ def run_level(port: int, clients: int, all_cases: list[dict], seconds: float, ma
             "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else 0.0}
 
 
-def engine_reference(all_cases: list[dict], model: str | None) -> dict:
+def engine_reference(all_cases: list[dict], model: str | None, dtype: str | None = None) -> dict:
     """16 cases one by one and as one batch, on the engine in this process."""
-    from difill.inference.engine import Engine, InfillRequest
+    from difill.inference.engine import Engine, EngineSettings, InfillRequest
 
-    engine = Engine.load(model)
+    engine = Engine.load(model, settings=EngineSettings(dtype=dtype))
     requests = [InfillRequest(prefix=c["prefix"], suffix=c["suffix"], language=c["language"], mode="line",
                               max_tokens=c["options"]["maxTokens"]) for c in all_cases[:16]]  # cold: new documents
     engine.infill(requests[0])
@@ -183,14 +184,14 @@ def run(args: argparse.Namespace) -> dict:
     servers: dict[str, Server] = {}
     try:
         for name, extra in CONFIGS.items():
-            servers[name] = Server(extra, args.model)
+            servers[name] = Server(extra, args.model, args.dtype)
             run_level(servers[name].port, 1, all_cases[:2], 30, 3)  # warm-up
         # Both servers stay up and the configurations alternate level by level, so that a
         # background load that comes and goes hits both alike (an idle server costs nothing).
         reference = None
         for n in LEVELS:
             if n == LEVELS[-1]:  # the engine reference, in the same stretch of time as the last level
-                reference = engine_reference(all_cases, args.model)
+                reference = engine_reference(all_cases, args.model, args.dtype)
             for name in CONFIGS:
                 results[name].append(run_level(servers[name].port, n, all_cases, seconds, args.max_requests, args.workload))
     finally:
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace) -> dict:
                                    and summary["p95_ratio_at_16"] is not None and summary["p95_ratio_at_16"] < 3)
     return {"benchmark": "service", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds_per_level": seconds,
             "max_requests_per_client": args.max_requests, "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "python": platform.python_version(), "load_average_before": [round(x, 2) for x in load_before],
+            "python": platform.python_version(), "dtype": args.dtype or "float32", "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()], "workload": args.workload,
             "case": "line infill, maxTokens 16, Python" + (", typing sessions (documentKey)" if args.workload == "typing" else ""),
             "configs": {name: " ".join(extra) for name, extra in CONFIGS.items()}, "results": results, "engine_reference": reference,
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print(f"difill serve-model on 127.0.0.1: {report['case']}; {report['seconds_per_level']:g} s per level; "
+    print(f"difill serve-model on 127.0.0.1 ({report['dtype']} weights): {report['case']}; {report['seconds_per_level']:g} s per level; "
           f"{report['cpu_count']} CPUs, load average {report['load_average_before'][0]} before, "
           f"{report['load_average_after'][0]} after")
     print(f"{'config':10} {'clients':>7} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'batch':>6} {'errors':>6}")
@@ -241,6 +242,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each level (default 10)")
     parser.add_argument("--max-requests", type=int, default=200, help="most requests per client per level (default 200)")
     parser.add_argument("--model", help="model directory (default: the bundled model)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="the servers' weights (difill --dtype; default float32)")
     parser.add_argument("--workload", choices=("cold", "typing"), default="cold",
                         help="cold: every request a new document; typing: editors' typing sessions, one document key each")
     args = parser.parse_args()
