@@ -129,12 +129,25 @@ def test_the_model_card_reads_the_whole_history_from_the_exported_model(tiny: di
     first = train(write_config(tiny, "card-first", max_steps=4, eval_every=2), tiny["root"] / "card-first")
     second = train(write_config(tiny, "card-second", init_from=str(first), max_steps=2, eval_every=2),
                    tiny["root"] / "card-second")
-    shutil.rmtree(tiny["root"] / "card-first")  # run folders do not travel between sessions; the card needs none
+    # run folders do not travel between sessions: the card needs neither log nor checkpoint, only the export
+    (tiny["root"] / "card-first" / "log.jsonl").unlink()
+    shutil.rmtree(tiny["root"] / "card-first" / "ckpt")
+    package = {"license": "MIT", "archive_sha256": None}
+    (first / "corpus.json").write_text(json.dumps({"stats": {}, "excluded_for_evaluation": ["click"],
+                                                   "packages": [{"name": "old", "version": "1", **package}]}))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "MANIFEST.json").write_text(json.dumps({"stats": {"train": 3, "val": 1, "bytes": 10}, "files": [{}],
+                                                      "excluded_for_evaluation": ["attrs"],
+                                                      "packages": [{"name": "new", "version": "2", **package}]}))
     metrics = {"cases": 2, "exact_match": 0.5, "edit_similarity": 0.7, "syntax_valid_rate": 1.0,
                "non_empty_rate": 1.0, "latency_p50_ms": 12.0}
     report = tmp_path / "eval.json"
     report.write_text(json.dumps({"metrics": metrics, "by_kind": {"line": metrics}, "by_language": {"python": metrics}}))
-    card = write_card(second, report, None, tiny["corpus"], tmp_path / "MODEL_CARD.md")
+    card = write_card(second, report, None, corpus, tmp_path / "MODEL_CARD.md")
+    attribution = json.loads((tmp_path / "corpus.json").read_text())  # every corpus the model saw, no file list
+    assert [p["name"] for p in attribution["packages"]] == ["new", "old"] and "files" not in attribution
+    assert attribution["excluded_for_evaluation"] == ["attrs", "click"]
     assert "| card-first | 4 |" in card and "| card-second | 2 |" in card
     assert "- 6 steps," in card
     curve = [line for line in card.splitlines() if line.startswith("| 2 |") or line.startswith("| 4 |") or line.startswith("| 6 |")]

@@ -50,6 +50,15 @@ def training_stages(history: list[dict]) -> list[dict]:
              "hardware": r.get("hardware", "CPU")} for i, r in enumerate(history)]
 
 
+def attribution(manifest: dict, earlier: dict | None) -> dict:
+    """corpus.json for a model: the corpus manifest without its file list, and the packages of
+    every corpus the model was trained on (a continued run adds to what it started from)."""
+    packages = {(p["name"], p["version"]): p for p in (earlier or {}).get("packages", []) + manifest["packages"]}
+    excluded = set((earlier or {}).get("excluded_for_evaluation", [])) | set(manifest["excluded_for_evaluation"])
+    return {"stats": manifest["stats"], "excluded_for_evaluation": sorted(excluded),
+            "packages": [packages[key] for key in sorted(packages, key=lambda k: (k[0].lower(), k[1]))]}
+
+
 def layout_table(layouts: dict) -> list[str]:
     """bench/layouts.py's comparison of the two attention layouts, trained alike."""
     columns = (("attention", "attention"), ("steps", "training steps"), ("train_ms_per_step", "ms per training step"),
@@ -115,6 +124,12 @@ def write_card(model: Path, report_path: Path, previous_path: Path | None, corpu
     previous = json.loads(previous_path.read_text()) if previous_path else None
     manifest = json.loads((corpus / "MANIFEST.json").read_text()) if (corpus / "MANIFEST.json").exists() else {}
     stats = manifest.get("stats", {})
+    if manifest:  # the attribution beside the card: this corpus and those of the models it continued
+        init_from = training.get("config", {}).get("init_from")
+        earlier_path = Path(init_from, "corpus.json") if init_from else None
+        earlier = json.loads(earlier_path.read_text()) if earlier_path and earlier_path.is_file() else None
+        manifest = attribution(manifest, earlier)
+        (out.parent / "corpus.json").write_text(json.dumps(manifest, indent=1))
     size_mb = sum(p.stat().st_size for p in model.iterdir() if p.is_file()) / 2**20
     curve = learning_curve(history)
     line_kinds = [report["by_kind"][k] for k in ("line", "line-tail") if k in report["by_kind"]]
