@@ -42,6 +42,7 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="model directory (default: the bundled model)")
     group.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"])
     group.add_argument("--device", choices=["cpu", "cuda"])
+    group.add_argument("--dtype", choices=["float32", "bfloat16"])
     group.add_argument("--log-level", help=argparse.SUPPRESS)
 
 
@@ -127,10 +128,13 @@ def _option(args: argparse.Namespace, defaults: argparse.Namespace | None, name:
 
 
 def _load_engine(args: argparse.Namespace, defaults: argparse.Namespace | None):
-    from difill.inference.engine import Engine
+    from difill.inference.engine import Engine, EngineSettings
 
-    return Engine.load(_option(args, defaults, "model", None), _option(args, defaults, "backend", "torch"),
-                       _option(args, defaults, "device", "cpu"))
+    try:
+        return Engine.load(_option(args, defaults, "model", None), _option(args, defaults, "backend", "torch"),
+                           _option(args, defaults, "device", "cpu"), EngineSettings(dtype=_option(args, defaults, "dtype", None)))
+    except ValueError as exc:  # options that do not go together, e.g. --backend onnx --dtype bfloat16
+        raise UsageError(str(exc)) from exc
 
 
 def _write_outputs(args: argparse.Namespace, report: dict, comparison: reports.Comparison | None) -> None:
