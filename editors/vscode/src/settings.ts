@@ -9,6 +9,7 @@
 
 export type Backend = 'torch' | 'onnx';
 export type Device = 'cpu' | 'cuda';
+export type Dtype = 'float32' | 'bfloat16';
 export type Mode = 'auto' | 'line' | 'block';
 
 export interface DifillConfiguration {
@@ -22,6 +23,8 @@ export interface DifillConfiguration {
   modelPath: string | null;
   backend: Backend;
   device: Device;
+  /** Weights of the torch backend; null: bfloat16 on CUDA, float32 on the CPU. */
+  dtype: Dtype | null;
   /** Fixed number of denoising steps; null: stop on the confidence threshold. */
   steps: number | null;
   /** Largest completion in tokens; null: the server's default for the mode. */
@@ -54,6 +57,7 @@ export const DEFAULTS: Readonly<DifillConfiguration> = Object.freeze({
   modelPath: null,
   backend: 'torch',
   device: 'cpu',
+  dtype: null,
   steps: null,
   maxTokens: null,
   mode: 'auto',
@@ -70,6 +74,7 @@ export interface ServerSettings {
   model: string | null;
   backend: Backend;
   device: Device;
+  dtype: Dtype | null;
   steps: number | null;
   maxTokens: number | null;
   mode: Mode;
@@ -97,6 +102,7 @@ const CHECKS: { [K in keyof DifillConfiguration]: [Check, string] } = {
   modelPath: [orNull(isString), 'a path or null'],
   backend: [oneOf('torch', 'onnx'), '"torch" or "onnx"'],
   device: [oneOf('cpu', 'cuda'), '"cpu" or "cuda"'],
+  dtype: [orNull(oneOf('float32', 'bfloat16')), 'null, "float32" or "bfloat16"'],
   steps: [orNull(isIntIn(1, 1024)), 'null or an integer from 1 to 1024'],
   maxTokens: [orNull(isIntIn(1, 1024)), 'null or an integer from 1 to 1024'],
   mode: [oneOf('auto', 'line', 'block'), '"auto", "line" or "block"'],
@@ -147,6 +153,7 @@ export function serverSettings(config: DifillConfiguration): ServerSettings {
     model: config.modelPath,
     backend: config.backend,
     device: config.device,
+    dtype: config.dtype,
     steps: config.steps,
     maxTokens: config.maxTokens,
     mode: config.mode,

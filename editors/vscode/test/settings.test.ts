@@ -34,7 +34,7 @@ test('nothing set: the defaults, no warnings', () => {
 
 test('settings are read and mapped onto the server keys', () => {
   const { config, warnings } = readConfiguration(getter({
-    modelPath: '/models/difill-small', backend: 'onnx', device: 'cuda', steps: 12, maxTokens: 48, mode: 'line',
+    modelPath: '/models/difill-small', backend: 'onnx', device: 'cuda', dtype: 'bfloat16', steps: 12, maxTokens: 48, mode: 'line',
     candidates: 3, debounceMs: 120, languages: ['python', 'lua'], syntaxConstraint: false,
   }));
   assert.deepEqual(warnings, []);
@@ -42,6 +42,7 @@ test('settings are read and mapped onto the server keys', () => {
     model: '/models/difill-small',
     backend: 'onnx',
     device: 'cuda',
+    dtype: 'bfloat16',
     steps: 12,
     maxTokens: 48,
     mode: 'line',

@@ -44,6 +44,8 @@ M.defaults = {
   backend = 'torch',
   --- 'cpu' or 'cuda'.
   device = 'cpu',
+  --- 'float32' or 'bfloat16' weights; nil: bfloat16 on CUDA, float32 on the CPU.
+  dtype = nil,
   --- Fixed number of denoising steps; nil lets the server stop on its confidence threshold.
   steps = nil,
   --- Largest completion in tokens; nil uses the server's default.
@@ -88,7 +90,7 @@ M.defaults = {
 }
 
 --- Every option name, including those whose default is nil (absent from M.defaults).
-M.known = { info_cmd = true, cmd_env = true, model = true, steps = true, max_tokens = true, debounce_ms = true,
+M.known = { info_cmd = true, cmd_env = true, model = true, dtype = true, steps = true, max_tokens = true, debounce_ms = true,
   log_level = true, log_file = true }
 for key in pairs(M.defaults) do
   M.known[key] = true
@@ -144,6 +146,8 @@ function M.resolve(user)
   check('model', config.model == nil or type(config.model) == 'string', 'a path')
   check('backend', config.backend == 'torch' or config.backend == 'onnx', "'torch' or 'onnx'")
   check('device', config.device == 'cpu' or config.device == 'cuda', "'cpu' or 'cuda'")
+  check('dtype', config.dtype == nil or config.dtype == 'float32' or config.dtype == 'bfloat16',
+    "nil, 'float32' or 'bfloat16'")
   check('steps', config.steps == nil or (type(config.steps) == 'number' and config.steps >= 1), 'nil or a number >= 1')
   check('max_tokens', config.max_tokens == nil or (type(config.max_tokens) == 'number' and config.max_tokens >= 1),
     'nil or a number >= 1')
@@ -187,6 +191,7 @@ function M.server_settings(config)
     model = config.model or vim.NIL,
     backend = config.backend,
     device = config.device,
+    dtype = config.dtype or vim.NIL,
     steps = config.steps or vim.NIL,
     maxTokens = config.max_tokens or vim.NIL,
     mode = config.mode,
@@ -226,6 +231,9 @@ function M.info_cmd(config)
     vim.list_extend(cmd, { '--model', config.model })
   end
   vim.list_extend(cmd, { '--backend', config.backend, '--device', config.device })
+  if config.dtype then
+    vim.list_extend(cmd, { '--dtype', config.dtype })
+  end
   return cmd
 end
 
