@@ -25,7 +25,7 @@ Sections:
 * cold: new documents, the model's own context budget, and a 1k-token context (budgets raised).
 * naive: the engine against a naive sampler (a full forward pass over context + canvas every
   step, one token per step, same canvas and stopping rule): speed-up and exact match of both.
-* window: decoding order, pure threshold decoding against the semi-autoregressive window (the
+* window: decoding order, pure threshold decoding against semi-autoregressive windows of 1, 4, 8 (the
   leftmost masked position every step): exact match, edit similarity, non-empty rate, steps.
 * agreement: completions of torch-bf16, onnx and onnx-int8 against torch on the same cases.
 * batch: 8 requests through ``infill_batch`` against one by one.
@@ -312,13 +312,14 @@ def section_naive(engine, cases: list[Case]) -> dict:
 
 def section_window(engine, line_cases: list[Case], block_cases: list[Case]) -> dict:
     """Decoding order on the default path (syntax constraint on): pure threshold decoding (the
-    most confident position first) against the semi-autoregressive window (the leftmost masked
-    position every step, plus the sure ones), the evidence behind the model's decode_window."""
+    most confident position first, window=0) against semi-autoregressive windows (the leftmost
+    masked position every step, plus the sure ones among the first 1, 4 or 8): the evidence behind
+    the model's decode_window, quality against steps."""
     from difill.evaluation.metrics import edit_similarity
     from difill.inference.engine import Engine, InfillRequest
 
     variants = {f"window={w}": Engine(engine.model, engine.tokenizer, name=engine.name, settings=replace(engine.settings, window=w))
-                for w in (0, 1)}
+                for w in (0, 1, 4, 8)}
     for variant in variants.values():
         variant.denoiser = engine.denoiser
     out = {}
