@@ -172,6 +172,10 @@ def write_card(model: Path, report_path: Path, previous_path: Path | None, corpu
         "",
         "### Learning curve (held-out files)",
         "",
+        "Steps and tokens count from the first run's start. Each run measures on the validation split of the "
+        "corpus it trained on (a corpus rebuilt on another machine holds other files), and the FIM check is 48 "
+        "single-line holes of those files: read the trend, not single rows.",
+        "",
         "| step | tokens | validation masked CE | FIM exact, line tail | FIM exact, whole line |",
         "|---:|---:|---:|---:|---:|",
     ]
