@@ -387,8 +387,28 @@ class CursorSite:
         for pattern, filler in self.language.block_fillers:
             if pattern.search(line):
                 indent = re.match(r"[ \t]*", line).group()
-                return self.judge(infill + filler.replace("{indent}", indent).encode("utf-8"), True)
+                problems = self.judge(infill + filler.replace("{indent}", indent).encode("utf-8"), True)
+                opener = self._last_opener(infill)
+                if not problems and opener is not None and not self._opens_block(opener):
+                    # `indexOf(value, {` leaves an object literal open, not a block for the user to type
+                    return [Problem(opener, opener + 1, "the bracket at the end opens no block", True)]
+                return problems
         return problems
+
+    def _last_opener(self, infill: bytes) -> int | None:
+        """Document offset of the opening bracket that ends the infill's code (a trailing comment
+        aside), or None when the code ends otherwise (Python's `:`)."""
+        comments = [re.escape(m) for m in (self.language.line_comment, (self.language.block_comment or ("",))[0]) if m]
+        openers = re.escape("".join(self.language.openers))
+        tail = f"(?:(?:{'|'.join(comments)}).*)?" if comments else ""
+        match = re.search(rf"[{openers}](?=\s*{tail}$)", infill.decode("utf-8", "replace").rstrip())
+        return None if match is None else self.cursor + len(infill.decode("utf-8", "replace")[:match.start()].encode("utf-8"))
+
+    def _opens_block(self, offset: int) -> bool:
+        """Whether the bracket at offset opens a block node in the last parsed tree."""
+        tree = self.parser.last_tree
+        token = tree.root_node.descendant_for_byte_range(offset, offset + 1) if tree is not None else None
+        return token is not None and token.parent is not None and token.parent.type in self.language.block_node_types
 
     def block_exit(self, infill: bytes) -> int | None:
         """Where the infill leaves the block it started in (byte offset into infill), if it does.

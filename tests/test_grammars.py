@@ -272,6 +272,26 @@ def test_if_line_that_needs_its_block(case):
     assert decide_mode(prefix + case.call + "\n" + indent, "\n" + indent + ")" + case.end + suffix, language) == "line"
 
 
+# Left out: grammars where `{` in an argument opens a block (Rust's block expressions, which the
+# user may well type; tree-sitter-c takes a compound statement there).
+ARGUMENT_BLOCKS = {"rust", "c"}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name not in ARGUMENT_BLOCKS],
+                         ids=[i for i in IDS if i not in ARGUMENT_BLOCKS])
+def test_a_line_that_ends_in_an_open_literal_is_no_header(case):
+    """Inside call arguments that the suffix closes on the same line, a completion that ends by
+    opening a bracket leaves a literal open (`foo(a, {` + `)`), not a block for the user to type."""
+    language = lang(case)
+    prefix, suffix = case.body + case.call, ")" + case.end + case.rest
+    opener = case.header[-1].strip()[-1]  # the bracket that opens a block in this language ("{"), or ":"
+    if opener not in language.openers:
+        pytest.skip("blocks open by indentation here")
+    critic = SyntaxCritic(language, prefix, suffix, "line")
+    assert not critic.is_valid("b, " + opener)
+    assert critic.is_valid("b")
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_empty_line_in_a_body_is_block(case):
     assert decide_mode(case.body, case.rest, lang(case)) == "block"

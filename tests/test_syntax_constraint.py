@@ -361,8 +361,18 @@ class NoEarlyEnd:
 
 
 def new_errors_added(language, prefix: str, completion: str, suffix: str) -> bool:
-    """The independent check: more tree-sitter error nodes with the completion than without."""
-    return syntax_errors(prefix + completion + suffix, language) > syntax_errors(prefix + suffix, language)
+    """The independent check: more tree-sitter error nodes with the completion than without. A
+    single-line completion that stops at a block header leaves the block to the user (issue 5's
+    rule), so it is counted with the least block that closes it (the language's block filler)."""
+    before = syntax_errors(prefix + suffix, language)
+    if syntax_errors(prefix + completion + suffix, language) <= before:
+        return False
+    line = prefix.rsplit("\n", 1)[-1] + completion.rstrip()
+    for pattern, filler in ([] if "\n" in completion.strip() else language.block_fillers):
+        if pattern.search(line):
+            completion += filler.replace("{indent}", line[: len(line) - len(line.lstrip())])
+            return syntax_errors(prefix + completion + suffix, language) > before
+    return True
 
 
 @pytest.mark.parametrize("language_name", sorted(CASES))
