@@ -56,6 +56,7 @@ class TrainConfig:
     eoi_pad_weight: float = 0.1  # loss weight of the <|eoi|> padding after the first one
     min_mask_rate: float = 0.05
     threads: int = 0
+    device: str = "auto"  # "cpu", "cuda", or "auto": CUDA when PyTorch sees a GPU
     bf16: bool = True
     compile: bool = False
     init_from: str | None = None  # a model directory (Hugging Face layout) whose weights a new run starts from
@@ -115,15 +116,19 @@ def diffusion_loss(model: Transformer, context: torch.Tensor, canvas: torch.Tens
     ``body`` replaces ``model.hidden_states`` (e.g. a compiled copy of it)."""
     b, c = context.shape
     m = canvas.shape[1]
-    # Stratified masking rates: one per sequence, spread evenly over [min_mask_rate, 1].
+    # Stratified masking rates: one per sequence, spread evenly over [min_mask_rate, 1]. The draws
+    # come from a CPU generator (the same masks on any device, and a resumable state).
     u = (torch.rand(1, generator=generator) + torch.arange(b) / b) % 1.0
     t = cfg.min_mask_rate + (1 - cfg.min_mask_rate) * u
     masked = torch.rand(b, m, generator=generator) < t[:, None]
     masked[torch.arange(b), torch.randint(0, m, (b,), generator=generator)] = True
+    device = next(model.parameters()).device
+    context, canvas, masked, t = context.to(device), canvas.to(device), masked.to(device), t.to(device)
+    after = after.to(device) if after is not None else None
     noisy = torch.where(masked, torch.full_like(canvas, MASK), canvas)
     ids = torch.cat([context, noisy] + ([after] if after is not None else []), dim=1)
-    positions = torch.arange(ids.shape[1])
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and ids.device.type == "cpu"):
+    positions = torch.arange(ids.shape[1], device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         hidden = (body or model.hidden_states)(ids, positions, mask=attention_mask(context, m, after))
         canvas_logits = model.logits(hidden[:, c: c + m][masked])
         canvas_logits[:, MASK] = float("-inf")
@@ -172,7 +177,7 @@ def fim_check(model: Transformer, tokenizer: Tokenizer, texts: list[str], cases:
     from difill.training.data import choose_span
 
     model.eval()
-    engine = Engine(model, tokenizer, name="training")
+    engine = Engine(model, tokenizer, name="training", device=next(model.parameters()).device.type)
     rng = random.Random(seed)
     pool = [t for t in texts if len(t) > 500]
     hits = {"line_tail": 0, "whole_line": 0}
@@ -201,10 +206,11 @@ def save_checkpoint(run: Path, model: Transformer, optimizer: torch.optim.Optimi
     ckpt.mkdir(parents=True, exist_ok=True)
     tmp = ckpt / "tmp"
     tmp.mkdir(exist_ok=True)
-    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_embeddings}
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+               if k != "lm_head.weight" or not model.config.tie_embeddings}
     save_file(weights, str(tmp / "model.safetensors"))
     opt_state = optimizer.state_dict()
-    tensors = {f"{idx}.{key}": value.contiguous() for idx, s in opt_state["state"].items() for key, value in s.items()}
+    tensors = {f"{idx}.{key}": value.cpu().contiguous() for idx, s in opt_state["state"].items() for key, value in s.items()}
     if generator is not None:
         tensors["generator.state"] = generator.get_state()
     save_file(tensors, str(tmp / "optim.safetensors"))
@@ -220,7 +226,7 @@ def load_checkpoint(run: Path, model: Transformer, optimizer: torch.optim.Optimi
         return None
     state = json.loads((ckpt / "state.json").read_text())
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
-    tensors = load_file(str(ckpt / "optim.safetensors"))
+    tensors = load_file(str(ckpt / "optim.safetensors"))  # load_state_dict moves them to the parameters' device
     opt_state: dict = {"state": {}, "param_groups": state.pop("param_groups")}
     generator_state = tensors.pop("generator.state", None)
     if generator is not None and generator_state is not None:
@@ -254,7 +260,7 @@ def export(run: Path, model: Transformer, tokenizer_path: Path, card: dict, out:
     out.mkdir(parents=True, exist_ok=True)
     config = {"model_type": "difill", **model.config.to_dict()}
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    weights = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
                if k != "lm_head.weight" or not model.config.tie_embeddings}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "tokenizer.json").write_text(Path(tokenizer_path).read_text())
@@ -283,16 +289,21 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
     run.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 leftovers outside autocast
     torch.manual_seed(cfg.seed)
     tokenizer = Tokenizer.from_file(cfg.tokenizer)
     model = Transformer(model_config_for(cfg, tokenizer))
     init_weights(model, cfg.seed)
     if cfg.init_from:
         start_from_model(model, Path(cfg.init_from), Path(cfg.tokenizer))
+    model.to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
     corpus = Path(cfg.corpus)
     layout = model.config.attention
     train_sampler = InfillSampler(load_texts(corpus / "train.jsonl"), tokenizer, cfg.context_len, cfg.suffix_budget, cfg.seed, layout)
@@ -307,7 +318,7 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
         else:  # a checkpoint from before the sampler state was saved
             train_sampler.rng.seed(cfg.seed * 1_000_003 + state["step"])
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %.2fM parameters, config %s", n_params / 1e6, model.config)
+    log.info("model: %.2fM parameters on %s, config %s", n_params / 1e6, device, model.config)
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
     stop = {"now": False}
