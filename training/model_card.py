@@ -80,14 +80,14 @@ def fmt(value) -> str:
 
 
 def score_table(report: dict, previous: dict | None) -> list[str]:
-    lines = ["| kind | cases | " + " | ".join(METRICS) + (" | exact match, previous model |" if previous else " |"),
-             "|---|---:|" + "---:|" * len(METRICS) + ("---:|" if previous else "")]
+    lines = ["| kind | cases | " + " | ".join(METRICS) + (" | previous model: exact | edit similarity | non-empty |" if previous else " |"),
+             "|---|---:|" + "---:|" * len(METRICS) + ("---:|---:|---:|" if previous else "")]
     groups = {"all": report["metrics"], **report["by_kind"]}
     before = {"all": previous["metrics"], **previous["by_kind"]} if previous else {}
     for kind, m in groups.items():
         row = f"| {kind} | {m.get('cases', m.get('n', '–'))} | " + " | ".join(fmt(m.get(k)) for k in METRICS) + " |"
         if previous:
-            row += f" {fmt(before.get(kind, {}).get('exact_match'))} |"
+            row += "".join(f" {fmt(before.get(kind, {}).get(k))} |" for k in ("exact_match", "edit_similarity", "non_empty_rate"))
         lines.append(row)
     return lines
 
