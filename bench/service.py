@@ -6,7 +6,7 @@ against the number of concurrent clients, with dynamic batching and without it.
     python bench/service.py --out FILE     # the JSON object into FILE as well
     python bench/service.py --quick        # shorter levels, for a smoke run
     python bench/service.py --workload typing   # editors typing: a request per keystroke, one document key each
-    python bench/service.py --dtype bfloat16    # bfloat16 weights (several times faster batches on AMX CPUs)
+    python bench/service.py --dtype bfloat16    # bfloat16 weights (faster batches on AMX CPUs)
 
 Two real ``difill serve-model`` processes run on 127.0.0.1, batched (``--max-batch 16``) and
 unbatched (``--max-batch 1``); level by level, alternating between them, 1, 4 and 16 clients each send
