@@ -398,11 +398,12 @@ class CursorSite:
     def _last_opener(self, infill: bytes) -> int | None:
         """Document offset of the opening bracket that ends the infill's code (a trailing comment
         aside), or None when the code ends otherwise (Python's `:`)."""
-        comments = [re.escape(m) for m in (self.language.line_comment, (self.language.block_comment or ("",))[0]) if m]
-        openers = re.escape("".join(self.language.openers))
-        tail = f"(?:(?:{'|'.join(comments)}).*)?" if comments else ""
-        match = re.search(rf"[{openers}](?=\s*{tail}$)", infill.decode("utf-8", "replace").rstrip())
-        return None if match is None else self.cursor + len(infill.decode("utf-8", "replace")[:match.start()].encode("utf-8"))
+        language = self.language
+        comments = [re.escape(m) for m in (language.line_comment, language.block_comment and language.block_comment[0]) if m]
+        trailing_comment = f"(?:(?:{'|'.join(comments)}).*)?" if comments else ""
+        text = infill.decode("utf-8").rstrip()
+        match = re.search(rf"[{re.escape(''.join(language.openers))}](?=\s*{trailing_comment}$)", text)
+        return None if match is None else self.cursor + len(text[: match.start()].encode("utf-8"))
 
     def _opens_block(self, offset: int) -> bool:
         """Whether the bracket at offset opens a block node in the last parsed tree."""
