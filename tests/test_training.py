@@ -114,6 +114,19 @@ def test_a_run_continues_from_an_exported_model(tiny: dict) -> None:
         train(other, tiny["root"] / "other")
 
 
+def test_a_bfloat16_export_loads_and_continues(tiny: dict) -> None:
+    """Exported in bfloat16 (half the bytes, for the package's size limit), the model loads into the
+    engine's float32 and a later run can start from it."""
+    first = train(write_config(tiny, "bf16-first", max_steps=2, export_dtype="bfloat16"), tiny["root"] / "bf16-first")
+    assert all(t.dtype == torch.bfloat16 for t in load_file(str(first / "model.safetensors")).values())
+    engine = Engine.load(first)
+    assert engine.describe()["dtype"] == "float32"
+    assert isinstance(engine.infill(InfillRequest(prefix="x = ", suffix="\n", mode="line", language="python")).completion, str)
+    second = train(write_config(tiny, "bf16-second", init_from=str(first), max_steps=0), tiny["root"] / "bf16-second")
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    assert all(torch.equal(a[k].float(), b[k]) for k in a)  # float32 again, the same values
+
+
 def test_a_continued_models_training_record_keeps_the_earlier_one(tiny: dict) -> None:
     first = train(write_config(tiny, "record-first", max_steps=2), tiny["root"] / "record-first")
     second = train(write_config(tiny, "record-second", init_from=str(first), max_steps=1), tiny["root"] / "record-second")

@@ -142,7 +142,8 @@ def write_card(model: Path, report_path: Path, previous_path: Path | None, corpu
         "",
         "## Model",
         "",
-        f"- {training['parameters'] / 1e6:.2f}M parameters, {size_mb:.1f} MB on disk (float32 safetensors + tokenizer).",
+        f"- {training['parameters'] / 1e6:.2f}M parameters, {size_mb:.1f} MB on disk "
+        f"({training['config'].get('export_dtype', 'float32')} safetensors + tokenizer).",
         f"- Transformer: {config['n_layers']} layers, hidden {config['hidden_size']}, {config['n_heads']} heads "
         f"({config['n_kv_heads']} KV heads), SwiGLU {config['intermediate_size']}, RMSNorm, rotary embeddings, tied head.",
         f"- Attention: `{config['attention']}` (context causal, suffix first, canvas bidirectional); context "

@@ -59,6 +59,9 @@ class TrainConfig:
     device: str = "auto"  # "cpu", "cuda", or "auto": CUDA when PyTorch sees a GPU
     bf16: bool = True
     compile: bool = False
+    # The exported weights: "float32", or "bfloat16" for a model that must fit the package's 64 MB
+    # (a 30M model is 120 MB in float32); the engine loads either into the dtype it runs.
+    export_dtype: str = "float32"
     init_from: str | None = None  # a model directory (Hugging Face layout) whose weights a new run starts from
     # The engine's default semi-autoregressive window for this model: a number, or one per mode
     # ({"line": null, "block": 1}); chosen by measurement (bench/engine.py's window section).
@@ -260,7 +263,8 @@ def export(run: Path, model: Transformer, tokenizer_path: Path, card: dict, out:
     out.mkdir(parents=True, exist_ok=True)
     config = {"model_type": "difill", **model.config.to_dict()}
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[card["config"].get("export_dtype", "float32")]
+    weights = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
                if k != "lm_head.weight" or not model.config.tie_embeddings}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "tokenizer.json").write_text(Path(tokenizer_path).read_text())
