@@ -127,6 +127,20 @@ def test_a_bfloat16_export_loads_and_continues(tiny: dict) -> None:
     assert all(torch.equal(a[k].float(), b[k]) for k in a)  # float32 again, the same values
 
 
+def test_a_sharded_export_loads_and_continues(tiny: dict) -> None:
+    first = train(write_config(tiny, "shards-first", max_steps=2, export_shard_mib=0.02), tiny["root"] / "shards-first")
+    shards = sorted(first.glob("model-*.safetensors"))
+    index = json.loads((first / "model.safetensors.index.json").read_text())
+    assert len(shards) > 1 and not (first / "model.safetensors").exists()
+    for f in shards:  # within the limit (plus the file header), or one tensor larger than it alone
+        assert f.stat().st_size <= 0.02 * 2**20 + 4096 or len(load_file(str(f))) == 1
+    assert set(index["weight_map"].values()) == {f.name for f in shards}
+    assert Engine.load(first).infill(InfillRequest(prefix="x = ", suffix="\n", mode="line")).steps >= 1
+    second = train(write_config(tiny, "shards-second", init_from=str(first), max_steps=0), tiny["root"] / "shards-second")
+    merged = {k: v for f in shards for k, v in load_file(str(f)).items()}
+    assert all(torch.equal(merged[k], v) for k, v in load_file(str(second / "model.safetensors")).items())
+
+
 def test_a_continued_models_training_record_keeps_the_earlier_one(tiny: dict) -> None:
     first = train(write_config(tiny, "record-first", max_steps=2), tiny["root"] / "record-first")
     second = train(write_config(tiny, "record-second", init_from=str(first), max_steps=1), tiny["root"] / "record-second")

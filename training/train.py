@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from difill.inference.loader import weight_files
 from difill.inference.model import ModelConfig, Transformer, block_diffusion_mask, init_weights
 from difill.inference.tokenizer import BOS, EOI, MASK, MIDDLE, PAD, PREFIX, SUFFIX, Tokenizer
 from difill.training.data import InfillSampler, load_texts
@@ -62,6 +63,9 @@ class TrainConfig:
     # The exported weights: "float32", or "bfloat16" for a model that must fit the package's 64 MB
     # (a 30M model is 120 MB in float32); the engine loads either into the dtype it runs.
     export_dtype: str = "float32"
+    # Split the exported weights into shards of at most this many MiB, with an index (the device
+    # machines return files of at most 16 MiB); None: one model.safetensors.
+    export_shard_mib: float | None = None
     init_from: str | None = None  # a model directory (Hugging Face layout) whose weights a new run starts from
     # The engine's default semi-autoregressive window for this model: a number, or one per mode
     # ({"line": null, "block": 1}); chosen by measurement (bench/engine.py's window section).
@@ -253,6 +257,33 @@ def training_record(run: Path, cfg: TrainConfig, state: dict, n_params: int) -> 
             "curve": [r for r in rows if "val_masked_ce" in r]}
 
 
+def save_weights(weights: dict[str, torch.Tensor], out: Path, shard_mib: float | None) -> None:
+    """model.safetensors, or (when larger than shard_mib) shards in Hugging Face's layout:
+    model-0000i-of-0000n.safetensors and model.safetensors.index.json, filled in name order."""
+    for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)  # a re-export must not leave shards of another layout behind
+    limit = int(shard_mib * 2**20) if shard_mib else None
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    if limit is None or total <= limit:
+        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(weights):
+        nbytes = weights[name].numel() * weights[name].element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = weights[name]
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
 def export(run: Path, model: Transformer, tokenizer_path: Path, card: dict, out: Path | None = None) -> Path:
     """Write the Hugging Face layout that the engine loads: config.json, model.safetensors, tokenizer.json,
     and training.json (this run's figures; under "continued" those of the model it started from)."""
@@ -266,7 +297,7 @@ def export(run: Path, model: Transformer, tokenizer_path: Path, card: dict, out:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[card["config"].get("export_dtype", "float32")]
     weights = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
                if k != "lm_head.weight" or not model.config.tie_embeddings}
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_weights(weights, out, card["config"].get("export_shard_mib"))
     (out / "tokenizer.json").write_text(Path(tokenizer_path).read_text())
     (out / "training.json").write_text(json.dumps(card, indent=1))
     return out
@@ -282,7 +313,8 @@ def start_from_model(model: Transformer, directory: Path, tokenizer_path: Path) 
     differing = [k for k, v in mine.items() if k in exported and exported[k] != v and k != "extra"]  # extra: engine defaults
     if differing:
         raise SystemExit(f"{directory} has another architecture ({', '.join(differing)} differ)")
-    missing, unexpected = model.load_state_dict(load_file(str(Path(directory, "model.safetensors"))), strict=False)
+    weights = {name: tensor for file in weight_files(Path(directory)) for name, tensor in load_file(str(file)).items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise SystemExit(f"{directory} does not fit the model: missing {missing}, unexpected {unexpected}")
     log.info("starting from the weights of %s", directory)
