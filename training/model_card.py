@@ -124,6 +124,12 @@ def write_card(model: Path, report_path: Path, previous_path: Path | None, corpu
     previous = json.loads(previous_path.read_text()) if previous_path else None
     manifest = json.loads((corpus / "MANIFEST.json").read_text()) if (corpus / "MANIFEST.json").exists() else {}
     stats = manifest.get("stats", {})
+    languages: dict[str, int] = {}
+    for entry in manifest.get("files", []):
+        if "language" in entry:
+            languages[entry["language"]] = languages.get(entry["language"], 0) + 1
+    corpus_languages = ", ".join(f"{name} {count / sum(languages.values()):.0%}"
+                                 for name, count in sorted(languages.items(), key=lambda kv: -kv[1])) or "unknown"
     if manifest:  # the attribution beside the card: this corpus and those of the models it continued
         init_from = training.get("config", {}).get("init_from")
         earlier_path = Path(init_from, "corpus.json") if init_from else None
@@ -188,7 +194,7 @@ def write_card(model: Path, report_path: Path, previous_path: Path | None, corpu
         "## Scores on the project's FIM set",
         "",
         f"`difill eval evaluation/fimset --no-tests` ({report['metrics'].get('cases', '?')} held-out cases over nine languages; "
-        "the model was trained on Python only). Exact match is whitespace-normalised; syntax-valid counts non-empty "
+        f"the last corpus's files by language: {corpus_languages}). Exact match is whitespace-normalised; syntax-valid counts non-empty "
         "completions whose document parses with no new error.",
         "",
         *score_table(report, previous),
