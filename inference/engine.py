@@ -359,7 +359,8 @@ class Engine:
     def describe(self) -> dict:
         c = self.model.config
         return {"model": self.name, "parameters": self.n_params, "attention": c.attention, "backend": self.backend,
-                "device": self.device, "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."), "vocab_size": c.vocab_size, "layers": c.n_layers, "hidden_size": c.hidden_size,
+                "device": self.device, "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+                "vocab_size": c.vocab_size, "layers": c.n_layers, "hidden_size": c.hidden_size,
                 "context_tokens": self.context_tokens, "decode_windows": self.decode_windows,
                 "threads": torch.get_num_threads(),
                 "cached_documents": len(self._caches), "cache_bytes": self.cache_bytes()}

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from difill.inference.engine import DTYPES
 from difill.inference.loader import weight_files
 from difill.inference.model import ModelConfig, Transformer, block_diffusion_mask, init_weights
 from difill.inference.tokenizer import BOS, EOI, MASK, MIDDLE, PAD, PREFIX, SUFFIX, Tokenizer
@@ -294,7 +295,7 @@ def export(run: Path, model: Transformer, tokenizer_path: Path, card: dict, out:
     out.mkdir(parents=True, exist_ok=True)
     config = {"model_type": "difill", **model.config.to_dict()}
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[card["config"].get("export_dtype", "float32")]
+    dtype = DTYPES[card["config"].get("export_dtype", "float32")]
     weights = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
                if k != "lm_head.weight" or not model.config.tie_embeddings}
     save_weights(weights, out, card["config"].get("export_shard_mib"))
