@@ -27,6 +27,8 @@ Sections:
   step, one token per step, same canvas and stopping rule): speed-up and exact match of both.
 * window: decoding order, pure threshold decoding against semi-autoregressive windows of 1, 4, 8 (the
   leftmost masked position every step): exact match, edit similarity, non-empty rate, steps.
+* canvas: canvas key/value reuse of block models (``refresh_every`` 1 = exact, 2, 4, 8): the same quality
+  figures on line and block holes, and the forced 64-token block's latency.
 * agreement: completions of torch-bf16, onnx and onnx-int8 against torch on the same cases.
 * batch: 8 requests through ``infill_batch`` against one by one.
 * threads: 1 against 2 torch threads.
@@ -315,16 +317,39 @@ def section_window(engine, line_cases: list[Case], block_cases: list[Case]) -> d
     most confident position first, window=0) against semi-autoregressive windows (the leftmost
     masked position every step, plus the sure ones among the first 1, 4 or 8): the evidence behind
     the model's decode_window, quality against steps."""
-    from difill.evaluation.metrics import edit_similarity
-    from difill.inference.engine import Engine, InfillRequest
+    return compare_settings(engine, {f"window={w}": {"window": w} for w in (0, 1, 4, 8)}, line_cases, block_cases)
 
-    variants = {f"window={w}": Engine(engine.model, engine.tokenizer, name=engine.name, settings=replace(engine.settings, window=w))
-                for w in (0, 1, 4, 8)}
-    for variant in variants.values():
-        variant.denoiser = engine.denoiser
+
+def section_canvas(engine, line_cases: list[Case], block_cases: list[Case]) -> dict:
+    """Canvas key/value reuse of block models (``refresh_every``, torch): every canvas position each step
+    (1, exact) against runs over the changed and predicted positions only, with a full pass every
+    2, 4 or 8 steps. Quality on the default path, and the forced 64-token block's latency."""
+    variants = {f"refresh={n}": {"refresh_every": n} for n in (1, 2, 4, 8)}
+    out = compare_settings(engine, variants, line_cases, block_cases)
+    for name, changes in variants.items():
+        out[f"64 tokens {name}"] = section_block({name: variant_engine(engine, changes)}, block_cases[:6])[name]
+    return out
+
+
+def variant_engine(engine, changes: dict):
+    """The same model and backend with other engine settings."""
+    from difill.inference.engine import Engine
+
+    variant = Engine(engine.model, engine.tokenizer, name=engine.name, settings=replace(engine.settings, **changes))
+    variant.denoiser = engine.denoiser
+    return variant
+
+
+def compare_settings(engine, variants: dict[str, dict], line_cases: list[Case], block_cases: list[Case]) -> dict:
+    """Exact match, edit similarity, non-empty rate, steps and latency of engine-setting variants
+    on line and block holes, on the default path (syntax constraint on)."""
+    from difill.evaluation.metrics import edit_similarity
+    from difill.inference.engine import InfillRequest
+
+    engines = {name: variant_engine(engine, changes) for name, changes in variants.items()}
     out = {}
     for kind, cases, mode in (("line", line_cases, "line"), ("block", block_cases, "block")):
-        for name, variant in variants.items():
+        for name, variant in engines.items():
             hits, similarity, non_empty, steps, ms = 0, 0.0, 0, 0, []
             for case in cases:
                 result = variant.infill(InfillRequest(prefix=case.prefix, suffix=case.suffix, mode=mode, language="python"))
@@ -470,7 +495,7 @@ def gpu_7b(args) -> dict:
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
-                model = Transformer(config).eval()
+                model = Transformer(config).eval().fuse_projections(head=device == "cpu")  # as Engine.load does
         finally:
             torch.set_default_dtype(previous)
         engine = forced(Engine(model, tokenizer, name=f"random-{layout}", device=device,
@@ -530,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer cases (a smoke run)")
     parser.add_argument("--model", help="model directory (default: the bundled model)")
     parser.add_argument("--backends", default="torch,torch-bf16,onnx,onnx-int8")
-    parser.add_argument("--sections", default="warm,block,cold,naive,window,agreement,batch,threads,refresh")
+    parser.add_argument("--sections", default="warm,block,cold,naive,window,canvas,agreement,batch,threads,refresh")
     parser.add_argument("--bidirectional-model", help="a real bidirectional checkpoint for the refresh section")
     parser.add_argument("--gpu-7b", action="store_true", help="Dream-Coder-7B shapes in bf16 on CUDA")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu-7b: tiny shapes on the CPU (checks the code path)")
@@ -547,8 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b for b in args.backends.split(",") if b]
     engines = load_engines(backends, args.model)
     first = next(iter(engines.values()))
-    n_line, n_block, n_naive, n_keys = (6, 3, 12, 12) if args.quick else (30, 6, 50, 24)
-    line_cases, block_cases, source = load_cases(first.tokenizer, max(n_line, n_naive), n_block)
+    n_line, n_block, n_naive, n_keys, n_quality = (6, 3, 12, 12, 6) if args.quick else (30, 6, 50, 24, 40)
+    line_cases, quality_blocks, source = load_cases(first.tokenizer, max(n_line, n_naive), max(n_block, n_quality))
+    block_cases = quality_blocks[:n_block]  # latency; the quality comparisons take more
     report: dict = {"conditions": {**conditions(engines), "cases": source, "line_cases": len(line_cases),
                                    "block_cases": len(block_cases)}, "backends": {n: {} for n in engines}}
 
@@ -566,7 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     if "naive" in sections and "torch" in engines:
         report["naive"] = section_naive(engines["torch"], line_cases[:n_naive])
     if "window" in sections and "torch" in engines:
-        report["window"] = section_window(engines["torch"], line_cases[:n_naive], block_cases)
+        report["window"] = section_window(engines["torch"], line_cases[:n_naive], quality_blocks)
+    if "canvas" in sections and "torch" in engines:
+        report["canvas"] = section_canvas(engines["torch"], line_cases[:n_naive], quality_blocks)
     if "agreement" in sections:
         merge(section_agreement(engines, line_cases[:n_naive]))
     if "batch" in sections:
@@ -605,7 +633,7 @@ def render(report: dict) -> str:
            f"{report['conditions']['load_average_end']}, model {report['conditions']['model']} "
            f"({report['conditions']['parameters'] / 1e6:.1f}M), cases: {report['conditions']['cases']}"]
     out.append(table("backends (warm = typing session; block = 64 forced tokens; cold = new document)", report["backends"]))
-    for key in ("naive", "window", "batch", "threads", "refresh"):
+    for key in ("naive", "window", "canvas", "batch", "threads", "refresh"):
         if key in report:
             section = report[key]
             nested = {k: v for k, v in section.items() if isinstance(v, dict)}

@@ -141,6 +141,34 @@ def test_decode_window_comes_from_the_model_config_unless_set(engine):
         assert new and new[0] == masked[0]
 
 
+def test_canvas_reuse_runs_fewer_positions_between_refreshes(engine, monkeypatch):
+    """refresh_every=1 runs every canvas position each step; 4 runs only the changed and the
+    predicted ones between full passes (the window of a block), with full passes every 4 steps."""
+    from difill.inference.model import CanvasKV
+
+    widths: list[int] = []
+    hidden_states = engine.model.hidden_states
+
+    def counting(ids, positions, cache=None, **kw):
+        if isinstance(cache, CanvasKV):
+            widths.append(ids.shape[1])
+        return hidden_states(ids, positions, cache=cache, **kw)
+
+    monkeypatch.setattr(engine.model, "hidden_states", counting)
+    request = line_request(LINE_AT[2], mode="block", max_tokens=32)
+    runs = {}
+    for refresh in (1, 4):
+        monkeypatch.setattr(engine.settings, "refresh_every", refresh)
+        widths.clear()
+        result = engine.infill(request)
+        runs[refresh] = list(widths)
+        assert result.tokens > 0
+    full = runs[1][0]
+    assert set(runs[1]) == {full} and len(runs[1]) > 4
+    assert all(w == full for w in runs[4][::4]) and max(runs[4][1:4]) < full
+    assert sum(runs[4]) < 0.6 * sum(runs[1])
+
+
 # ---------------------------------------------------------------------------- batching
 def test_batch_equals_one_by_one(engine):
     requests = [

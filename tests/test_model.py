@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from difill.inference.loader import load_model
-from difill.inference.model import KVCache, ModelConfig, Transformer, attention_mask, block_diffusion_mask, init_weights
+from difill.inference.model import CanvasKV, KVCache, ModelConfig, Transformer, attention_mask, block_diffusion_mask, init_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -225,3 +225,50 @@ def test_kv_cache_bytes_count_and_compact():
     assert cache.nbytes() == full  # a truncated view still holds its storage
     cache.compact()
     assert cache.nbytes() == full // 4
+
+
+def test_fused_projections_give_the_unfused_models_logits(tmp_path):
+    """The engine's inference form (q/k/v and gate/up in one product each, weights stored
+    pre-transposed) computes what the Hugging Face-named modules compute: GQA, QKV bias, untied
+    head, a cached context and a canvas over it."""
+    qwen2_reference(tmp_path, kv_heads=2)
+    plain, fused = load_model(tmp_path), load_model(tmp_path).fuse_projections()
+    assert not hasattr(fused.layers[0].self_attn, "q_proj") and fused.layers[0].mlp.gate_up_proj is not None
+    ids, canvas = torch.randint(0, 96, (1, 11)), torch.randint(0, 96, (3, 5))
+    with torch.no_grad():
+        outputs = []
+        for model in (plain, fused):
+            cache = model.new_cache()
+            model.hidden_states(ids, torch.arange(11), cache=cache, causal=True, store=True)
+            outputs.append(model(canvas, torch.arange(11, 16), cache=cache))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=ATOL, rtol=1e-4)
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())  # untied head
+
+
+def test_canvas_kv_steps_are_exact_over_every_column_and_reuse_keys_of_the_others(tmp_path):
+    """A canvas step through CanvasKV over every column equals the plain cached forward; a later
+    step over a few columns of the same canvas reads the others' keys from the buffer, which
+    here are exact too (nothing changed), so its logits match at those columns; once a token
+    changes, a step that does not rerun the others differs from the exact forward (the reuse
+    is approximate), and a full pass makes it exact again."""
+    qwen2_reference(tmp_path, kv_heads=2)
+    model = load_model(tmp_path).fuse_projections()
+    context, canvas = torch.randint(0, 96, (1, 9)), torch.randint(0, 96, (2, 6))
+    positions = torch.arange(9, 15)
+    with torch.no_grad():
+        cache = model.new_cache()
+        model.hidden_states(context, torch.arange(9), cache=cache, causal=True, store=True)
+        exact = model(canvas, positions, cache=cache)
+        kv = CanvasKV(cache, rows=2, width=6)
+        kv.columns = torch.arange(6)
+        torch.testing.assert_close(model(canvas, positions, cache=kv), exact, atol=ATOL, rtol=1e-4)
+        kv.columns = torch.tensor([1, 4])
+        torch.testing.assert_close(model(canvas[:, [1, 4]], positions[[1, 4]], cache=kv), exact[:, [1, 4]], atol=ATOL, rtol=1e-4)
+        changed = canvas.clone()
+        changed[:, 2] = (changed[:, 2] + 1) % 96
+        fresh = model(changed, positions, cache=cache)
+        kv.columns = torch.tensor([2, 4])
+        stale = model(changed[:, [2, 4]], positions[[2, 4]], cache=kv)
+        assert not torch.allclose(stale, fresh[:, [2, 4]], atol=ATOL)
+        kv.columns = torch.arange(6)
+        torch.testing.assert_close(model(changed, positions, cache=kv), fresh, atol=ATOL, rtol=1e-4)
