@@ -160,7 +160,7 @@ class TorchDenoiser:
 
     def prefill(self, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor) -> None:
         """Run context tokens ``ids`` [1, T] causally after the cache, appending their keys and values."""
-        self.model.hidden_states(ids, positions, cache=cache, causal=True, store=True)
+        self.model.hidden_states(ids, positions, cache=cache, causal=True, store=True, cache_only=True)
 
     def canvas_logits(self, cache: KVCache | None, canvas: torch.Tensor, positions: torch.Tensor,
                       select: torch.Tensor | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -272,3 +272,15 @@ def test_canvas_kv_steps_are_exact_over_every_column_and_reuse_keys_of_the_other
         assert not torch.allclose(stale, fresh[:, [2, 4]], atol=ATOL)
         kv.columns = torch.arange(6)
         torch.testing.assert_close(model(changed, positions, cache=kv), fresh, atol=ATOL, rtol=1e-4)
+
+
+def test_cache_only_prefill_stores_the_same_keys_and_values(tmp_path):
+    qwen2_reference(tmp_path, kv_heads=2)
+    model = load_model(tmp_path)
+    ids = torch.randint(0, 96, (1, 13))
+    with torch.no_grad():
+        full, lean = model.new_cache(), model.new_cache()
+        model.hidden_states(ids, torch.arange(13), cache=full, causal=True, store=True)
+        assert model.hidden_states(ids, torch.arange(13), cache=lean, causal=True, store=True, cache_only=True) is None
+    for a, b in zip(full.keys + full.values, lean.keys + lean.values):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
