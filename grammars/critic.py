@@ -58,8 +58,9 @@ class SyntaxCritic:
         self._site.parser.parse_seconds = value
 
     def _open_end_allowed(self, infill: str) -> bool:
-        """A single-line completion may stop at a block header, leaving the block to the user."""
-        if self.mode != "line" or "\n" in infill.strip():
+        """A single-line completion may stop at a block header, leaving the block to the user:
+        where nothing follows the cursor on its line (`=> {` before the line's `;` is no header)."""
+        if self.mode != "line" or "\n" in infill.strip() or not self._site.rest_of_line_blank:
             return False
         return bool(self.language.header_pattern.search(self._cursor_line + infill.rstrip()))
 

@@ -24,7 +24,10 @@ from .syntax import (
     IncrementalParser,
     Spans,
     at_end,
+    ends_at_boundary,
+    last_item_start,
     close_with,
+    pair_closers,
     context_spans,
     error_nodes,
     innermost_errors,
@@ -99,6 +102,18 @@ class IndentState:
         return True
 
 
+def _line_indent(text: bytes, pos: int, first_only: bool = True) -> int | None:
+    """Indentation of the line holding text[pos]; None when ``first_only`` and code precedes pos
+    on that line."""
+    start = text.rfind(b"\n", 0, pos) + 1
+    lead = text[start:pos]
+    if lead.strip():
+        if first_only:
+            return None
+        lead = lead[: len(lead) - len(lead.lstrip())]
+    return _indent_width(lead)
+
+
 def _indent_width(whitespace: bytes) -> int:
     return len(whitespace.decode("utf-8", "replace").expandtabs(8))
 
@@ -123,6 +138,11 @@ class CursorSite:
         self.line_end = self.cursor + (newline if newline != -1 else len(self.suf))
         second = self.suf.find(b"\n", newline + 1) if newline != -1 else -1
         self.next_line_end = self.cursor + (second if second != -1 else len(self.suf))  # the line after the cursor's
+        # Nothing follows the cursor on its line: a completion may stop at a block header there.
+        self.rest_of_line_blank = not self.suf[: newline if newline != -1 else len(self.suf)].strip()
+        # The suffix window reaches the end of the file or of the enclosing top-level item.
+        self.suffix_whole = ends_at_boundary(suffix, len(suffix_w))
+        self.item_start = last_item_start(self.pre)  # where the top-level item around the cursor begins
 
         # Where the cursor is: inside a string or comment that the document closes after it?
         self.context = self.base_spans.innermost(self.cursor, language.line_comment, self.base_text)
@@ -141,7 +161,9 @@ class CursorSite:
         self.stack.feed(prefix_brackets, language)
         self.prefix_brackets = prefix_brackets
         suffix_brackets, _ = scan_brackets(self.base_text, self.cursor, len(self.base_text), self.base_spans, language)
-        self.suffix_closers = [b.char for b in unmatched_closers(suffix_brackets, language)]
+        closers = unmatched_closers(suffix_brackets, language)
+        self.suffix_closers = [b.char for b in closers]
+        self.suffix_closer_indents = [_line_indent(self.base_text, b.pos) for b in closers]
         self._stack_reliable: bool | None = None
 
         self._pre_errors: list[ErrorNode] | None = None
@@ -307,8 +329,12 @@ class CursorSite:
             return []
         if opened_block:
             return [Problem(infill_end, infill_end, "a block header without its block", True)]
-        # Otherwise the misfit is the infill's only if the document without the infill had none
-        # there (else the cursor is the user's unfinished spot, e.g. a block still to write).
+        # Otherwise the misfit is the infill's if the document without the infill had none there,
+        # or if the prefix is clean: then the suffix is indented for a block whose header the
+        # hole must hold (`if MYPY:` before an indented class). Else the cursor is the user's
+        # unfinished spot.
+        if self.prefix_clean:
+            return [Problem(max(last_start, self.cursor), infill_end, "the suffix does not fit the infill's indentation", True)]
         base = initial.copy()
         first = self._first_code_byte(self.base_text, logical_start, self.line_end)
         if first is not None:
@@ -357,7 +383,7 @@ class CursorSite:
         brackets, stopped = scan_brackets(doc, self.cursor, end, spans, self.language)
 
         problems = self._enclosure_problems(end, spans)
-        problems += self._bracket_problems(brackets, end, closed and stopped is None)
+        problems += self._bracket_problems(brackets, end, closed and stopped is None, doc)
         if not problems and self.language.indent_based and stopped is None:
             problems += self._indent_problems(doc, end, brackets, spans, closed)
         if problems:
@@ -464,7 +490,7 @@ class CursorSite:
                 return [Problem(max(self.cursor, c_end - 1), c_end, f"closes the {name} the cursor is in", True)]
         return []
 
-    def _bracket_problems(self, brackets: list[Bracket], end: int, closed: bool) -> list[Problem]:
+    def _bracket_problems(self, brackets: list[Bracket], end: int, closed: bool, doc: bytes) -> list[Problem]:
         """Closers that match nothing, and (when closed) brackets left open that the suffix does not close."""
         language = self.language
         closers = language.closers
@@ -497,6 +523,14 @@ class CursorSite:
         # infill or the suffix; those of earlier lines may close further on.
         owned_from = len(prefix_stack) - max(0, line_openers - len(consumed))
         owned = [index for index in unclosed if index >= owned_from]
+        after = [(b.char, _line_indent(self.base_text, b.pos, False)) for b in self.stack.openers[: len(prefix_stack)]]
+        after += [(b.char, _line_indent(doc, b.pos, False)) for b in opened]
+        if not owned and self.suffix_whole and self._hole_unbalanced(after):
+            # The suffix closes what the top-level item's prefix never opened, or leaves open what it
+            # opened, with the prefix well-formed: the document is broken only because the hole is
+            # empty (`if !ok {` is missing before `}`). The completion has to repair that, not leave
+            # it as it found it. (Brackets of earlier items are the user's unfinished business.)
+            return [Problem(end, end, "the code after the cursor needs brackets the infill does not give", True)]
         if problems <= base_problems and not owned:
             return []
         unclosed_infill = [opened[index - len(prefix_stack)] for index in owned if index >= len(prefix_stack)]
@@ -509,6 +543,30 @@ class CursorSite:
             extra = problems - base_problems
             return [Problem(b.pos, b.pos + 1, f"{b.char} closes what the suffix closes", True) for b in consumed[-extra:]]
         return [Problem(end, end, "leaves a bracket of this line open", True)]
+
+    def _hole_unbalanced(self, after: list[tuple[str, int]]) -> bool:
+        """Whether the suffix's closers still mismatch the openers of the cursor's top-level item
+        with ``after`` (the stack once the infill is in: bracket and its line's indentation) where
+        they mismatch without the infill."""
+        outer = sum(1 for b in self.stack.openers if b.pos < self.item_start)
+
+        def local_problems(stack: list[tuple[str, int]]) -> int:
+            """Stray closers inside the item (indented: one at column 0 may close something before
+            the parsed window, a namespace), and openers of the cursor's item left unclosed (those
+            of earlier items, `function broken(` above, may be the user's unfinished business)."""
+            stray, unclosed = pair_closers([c for c, _ in stack], self.suffix_closers, self.language,
+                                           [i for _, i in stack], self.suffix_closer_indents)
+            return (sum(1 for index in stray if self.suffix_closer_indents[index] != 0)
+                    + sum(1 for index in unclosed if index >= outer))
+
+        before = local_problems([(b.char, _line_indent(self.base_text, b.pos, False)) for b in self.stack.openers])
+        return before > 0 and local_problems(after) >= before
+
+    @property
+    def prefix_clean(self) -> bool:
+        """The prefix has no error of its own (its unfinished end aside) and balanced brackets:
+        then errors around the cursor in the document without the infill are the empty hole's."""
+        return not self.stack.damaged and not self.pre_errors()
 
     def _parse_problems(self, tree: tree_sitter.Tree, doc: bytes, end: int, closed: bool, unfinished: int) -> list[Problem]:
         """New ERROR/MISSING nodes compared with the document without the infill.
@@ -526,8 +584,12 @@ class CursorSite:
             # earlier (an unclosed bracket above) stay the user's.
             # So are errors that begin just after the cursor, on its line or the next one: text that
             # only breaks because the hole is empty (`func (r *T) |` + a body on the next line).
+            # And with a clean prefix, any error around the cursor or on its line before it is the
+            # hole's (tree-sitter's recovery from `for |:` may reach back to the start of the file;
+            # `x, y := |` ends its error before the cursor).
             base = [e for e in self.base_errors
-                    if not (self.line_start <= e.start <= self.cursor <= e.end or self.cursor <= e.start <= self.next_line_end)]
+                    if not (self.line_start <= e.start <= self.cursor <= e.end or self.cursor <= e.start <= self.next_line_end
+                            or self.prefix_clean and (e.start <= self.cursor <= e.end or self.line_start <= e.start <= self.cursor))]
             fresh = new_errors(base, found, self.cursor, length)
         else:
             # More text may follow: errors reaching the unfinished end are not errors yet. The user's own

@@ -150,6 +150,20 @@ def _change(old: bytes, new: bytes) -> tuple[int, int, int]:
     return start, len(old) - tail, len(new) - tail
 
 
+def last_item_start(prefix: bytes) -> int:
+    """Offset of the last line of prefix that starts a top-level item (code at column 0)."""
+    for match in reversed(list(re.finditer(rb"^[A-Za-z_@#$]", prefix, re.MULTILINE))):
+        return match.start()
+    return 0
+
+
+def ends_at_boundary(suffix: str, kept: int) -> bool:
+    """Whether the first ``kept`` characters of suffix (its window) end at the end of the text or
+    before a top-level item: then what the window leaves open stays open."""
+    rest = suffix[kept:]
+    return not rest.strip() or (suffix[kept - 1: kept] == "\n" and bool(_TOP_LEVEL_START.match(rest)))
+
+
 @dataclass
 class IncrementalParser:
     """A parser that remembers documents and trees and reparses only what changed.
@@ -377,21 +391,36 @@ def close_with(stack: list[str], closers: list[str], language: Language) -> tupl
     unclosed, and a closer with no opener of its kind is stray. Returns the number of problems
     (stray closers + unclosed openers) and the indices into stack of the unclosed openers.
     """
+    stray, unclosed = pair_closers(stack, closers, language)
+    return len(stray) + len(unclosed), unclosed
+
+
+def pair_closers(stack: list[str], closers: list[str], language: Language, stack_indents: list[int] | None = None,
+                 closer_indents: list[int | None] | None = None) -> tuple[list[int], list[int]]:
+    """:func:`close_with`'s pairing: the indices into closers of the stray ones, and into stack
+    of the openers left unclosed.
+
+    With indentation (each opener's line's, and each closer's where it starts its line, else
+    None), such a closer pairs with the innermost opener of its kind on a line indented as it
+    is: the shape of written code, which bracket kinds alone cannot see (`\t}` before `}` after
+    `func f() {`: the first closes a block that nothing opened)."""
     pairs = language.closers
     open_indices = list(range(len(stack)))
     unclosed: list[int] = []
-    stray = 0
-    for closer in closers:
+    stray: list[int] = []
+    for index, closer in enumerate(closers):
         wanted = pairs[closer]
+        indent = closer_indents[index] if closer_indents is not None and stack_indents is not None else None
         for depth in range(len(open_indices) - 1, -1, -1):
-            if stack[open_indices[depth]] == wanted:
+            opener = open_indices[depth]
+            if stack[opener] == wanted and (indent is None or stack_indents[opener] == indent):
                 unclosed.extend(open_indices[depth + 1:])
                 del open_indices[depth:]
                 break
         else:
-            stray += 1
+            stray.append(index)
     unclosed.extend(open_indices)
-    return stray + len(unclosed), sorted(unclosed)
+    return stray, sorted(unclosed)
 
 
 def map_position(pos: int, cursor: int, length: int) -> tuple[int, ...]:

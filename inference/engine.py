@@ -12,13 +12,17 @@ Two context layouts, chosen by the model:
 * difill's block layout ``<|suffix|> suffix <|prefix|> prefix <|middle|> [canvas]``: the
   context is causal, so its cache is exact; with the suffix first, typing only appends to the
   prefix, and a request for the same document (``document_key``) re-encodes only what changed
-  (the longest common token prefix with the document's previous context).
+  (the longest common token prefix with the document's previous context). Within a block, the
+  torch backend keeps the canvas's keys and values too (:class:`difill.inference.model.CanvasKV`):
+  between full passes every ``refresh_every`` steps, a step runs only the canvas positions that
+  changed or are predicted (Fast-dLLM's approximate cache, applied to the canvas).
 * the open dLLM layout ``[bos] prefix [canvas] suffix`` with bidirectional attention: the
   context's keys and values are taken from a full forward pass and reused for
   ``refresh_every`` steps (Fast-dLLM's approximate dual cache).
 
 The model is reached through a *denoiser* with two calls, ``prefill`` (run context tokens into
-a cache) and ``canvas_logits`` (the output head at the canvas positions that can still change);
+a cache) and ``canvas_logits`` (the output head at the canvas positions that can still change;
+the torch backend's block-layout steps go through :class:`_CanvasSteps` instead);
 :class:`TorchDenoiser` is the PyTorch one, :class:`difill.inference.onnx_backend.OnnxDenoiser`
 the ONNX Runtime one.
 

@@ -485,3 +485,55 @@ def test_errors_that_only_the_empty_hole_causes_are_the_completions_to_fix():
     # An error of the user's further down stays theirs.
     broken_below = "\n\tr.x = 1\n}\n\nfunc g() {\n\treturn (\n}\n"
     assert SyntaxCritic(language_for("go"), prefix, broken_below, "line").is_valid("Set() {")
+
+
+# ---------------------------------------------------------------------------------- the hole's brackets
+
+
+def test_a_suffix_that_needs_an_opener_rejects_a_completion_without_it():
+    """`}` after the cursor that nothing in the function opens: the empty hole is what breaks the
+    document, so a completion must open the block, not leave the document as it found it."""
+    go = language_for("go")
+    prefix, suffix = "package main\n\nfunc check(ok bool) {\n\t", "\n\t\tpanic(\"failed\")\n\t}\n}\n"
+    assert not SyntaxCritic(go, prefix, suffix, "block").is_valid("return")
+    assert SyntaxCritic(go, prefix, suffix, "block").is_valid("if !ok {")
+    assert SyntaxCritic(go, prefix, suffix, "line").is_valid("if !ok {")
+
+
+def test_a_bracket_the_item_left_open_must_be_closed_by_the_completion():
+    ts = language_for("typescript")
+    prefix = "export type Handler = (\n    value: string,\n    context: number\n"
+    suffix = "\n\nexport type Other = number\n"
+    assert not SyntaxCritic(ts, prefix, suffix, "line").is_valid(" | string")
+    assert SyntaxCritic(ts, prefix, suffix, "line").is_valid(") => void")
+
+
+def test_a_block_header_is_no_place_to_stop_when_the_line_goes_on():
+    """`=> {` before the line's own `;` leaves a brace open, not a block for the user to type."""
+    ts = language_for("typescript")
+    prefix, suffix = "const compile = (items: string[]): string[] =>\n  ", ";\n\nconst other = 1;\n"
+    critic = SyntaxCritic(ts, prefix, suffix, "line")
+    assert not critic.is_valid("{")
+    assert critic.is_valid("items.map((x) => x.trim())")
+
+
+def test_errors_the_empty_hole_causes_are_not_excused():
+    """With a clean prefix, the errors of the document without the infill around the cursor are
+    the hole's, however far tree-sitter's recovery stretches them: `for a:` stays an error."""
+    python, go = language_for("python"), language_for("go")
+    prefix = "def last(args):\n    found = None\n    for "
+    suffix = ":\n        found = arg\n    return found\n"
+    critic = SyntaxCritic(python, prefix, suffix, "line")
+    assert not critic.is_valid("a")
+    assert critic.is_valid("arg in args")
+    critic = SyntaxCritic(go, "package main\n\nfunc run() {\n\tx, y := ", "\n\n\tprint(x, y)\n}\n", "line")
+    assert not critic.is_valid("{")
+    assert critic.is_valid("1, 2")
+
+
+def test_an_indented_suffix_needs_the_header_from_the_hole():
+    python = language_for("python")
+    prefix, suffix = "import sys\n\nDEBUG = False\n\n", "\n    def trace(x):\n        print(x)\n"
+    critic = SyntaxCritic(python, prefix, suffix, "block")
+    assert not critic.is_valid("# tracing helpers")
+    assert critic.is_valid("if DEBUG:")
