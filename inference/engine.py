@@ -616,8 +616,16 @@ class Engine:
             start = head.find("\n", start) + 1 or line_start
 
     def _budget_suffix(self, suffix: str, budget: int) -> list[int]:
+        """The first ``budget`` tokens of the suffix, ending at a line end where one fits."""
         window = suffix[: budget * 8]
-        ids = self.tokenizer.encode(window)
+        ids, offsets = self.tokenizer.encode_with_offsets(window)
+        if len(ids) > budget:
+            # Cut at the last line end that the first ``budget`` tokens reach, then check the count
+            # (tokens need not split the same way at a cut): one or two encodings, not one per line.
+            cut = window.rfind("\n", 0, offsets[budget - 1][1]) + 1 if budget > 0 else 0
+            if cut > 0:
+                window = window[:cut]
+                ids = self.tokenizer.encode(window)
         while len(ids) > budget and "\n" in window:
             window = window[: window.rstrip("\n").rfind("\n") + 1] if window.rstrip("\n").rfind("\n") >= 0 else ""
             ids = self.tokenizer.encode(window)
