@@ -45,7 +45,7 @@ import torch
 
 from difill import default_model_path
 from difill.inference.loader import ModelLoadError, load_model
-from difill.inference.model import CanvasKV, KVCache, Transformer
+from difill.inference.model import CanvasKV, KVCache, Transformer, rotary_tables
 from difill.inference.sampler import Cancelled, Denoise, SamplerSettings, StepView
 from difill.inference.tokenizer import Tokenizer, TokenizerError
 
@@ -810,6 +810,7 @@ class _CanvasSteps:
     def __init__(self, model: Transformer, context: KVCache, positions: torch.Tensor, key_valid: torch.Tensor | None,
                  rows: int, width: int, refresh_every: int):
         self.model, self.positions, self.key_valid = model, positions, key_valid  # positions [W] or [B, W]
+        self.rotary = rotary_tables(model.config.head_dim, positions, model.config.rope_theta)
         self.kv = CanvasKV(context, rows, width)
         self.rows = torch.arange(rows)  # the rows the buffer holds
         self.written: torch.Tensor | None = None  # [rows, W]: the tokens whose keys the buffer holds
@@ -836,8 +837,10 @@ class _CanvasSteps:
         self.age += 1
         self.kv.columns = columns.to(device)
         self.kv.fresh = None if fresh is None or bool(fresh.all()) else fresh.to(device)
-        hidden = self.model.hidden_states(canvas[:, columns].to(device), self.positions[..., self.kv.columns],
-                                          cache=self.kv, key_valid=self.key_valid)
+        index = self.kv.columns
+        rotary = tuple(t.index_select(-2, index) for t in self.rotary)  # [W, D] or [B, 1, W, D]
+        hidden = self.model.hidden_states(canvas[:, columns].to(device), self.positions[..., index], cache=self.kv,
+                                          key_valid=self.key_valid, rotary=rotary)
         return self.model.logits(hidden[select[:, columns].to(device)])
 
     def _keep(self, index: torch.Tensor) -> None:
@@ -845,6 +848,7 @@ class _CanvasSteps:
         self.written = self.written[index] if self.written is not None else None
         if self.positions.dim() == 2:
             self.positions = self.positions[index.to(self.positions.device)]
+            self.rotary = tuple(t[index.to(t.device)] for t in self.rotary)
         if self.key_valid is not None:
             self.key_valid = self.key_valid[index.to(self.key_valid.device)]
 

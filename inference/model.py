@@ -406,6 +406,7 @@ class Transformer(nn.Module):
         mask: torch.Tensor | None = None,
         key_valid: torch.Tensor | None = None,
         cache_only: bool = False,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         """Final-norm hidden states of the window ``ids`` [B, T] at ``positions`` [T] or [B, T].
 
@@ -418,6 +419,8 @@ class Transformer(nn.Module):
         ``cache_only`` (with ``store``): the last layer computes only its keys and values and
         nothing is returned. A context prefill needs no hidden states: this saves the last
         layer's attention and MLP (a fifth of a 4-layer prefill).
+        ``rotary``: the (cos, sin) tables of ``positions`` when the caller keeps them (a canvas
+        step runs at the same positions again and again).
         """
         is_causal = False
         if isinstance(cache, CanvasKV):
@@ -429,7 +432,7 @@ class Transformer(nn.Module):
                 is_causal = True  # SDPA's own causal path: no mask tensor, the fastest kernel
             elif causal and ids.shape[1] > 1 or key_valid is not None:
                 mask = attention_mask(ids.shape[1], past, causal, key_valid, ids.device)
-        cos, sin = rotary_tables(self.config.head_dim, positions, self.config.rope_theta)
+        cos, sin = rotary or rotary_tables(self.config.head_dim, positions, self.config.rope_theta)
         x = self.embed_tokens(ids)
         last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
