@@ -427,7 +427,9 @@ def section_threads(model: str | None, cases: list[Case]) -> dict:
 def section_refresh(model: str | None, cases: list[Case], bidirectional_model: str | None) -> dict:
     """Agreement of the approximate cache with refresh_every=1 (exact), on 16 forced tokens per
     case (end tokens disabled, so there is text to compare even with a weak model)."""
+    from difill import default_model_path
     from difill.inference.engine import Engine, EngineSettings
+    from difill.inference.loader import load_model
     from difill.inference.model import Transformer
 
     if bidirectional_model:
@@ -438,8 +440,8 @@ def section_refresh(model: str | None, cases: list[Case], bidirectional_model: s
         config = replace(block.model.config, attention="bidirectional", prefix_token_id=None, suffix_token_id=None,
                          middle_token_id=None)
         net = Transformer(config)
-        net.load_state_dict(block.model.state_dict())
-        base = Engine(net.eval(), block.tokenizer, name=block.name + " (bidirectional proxy)")
+        net.load_state_dict(load_model(Path(model) if model else default_model_path()).state_dict())  # the unfused weights
+        base = Engine(net.eval().fuse_projections(), block.tokenizer, name=block.name + " (bidirectional proxy)")
         proxy = True
     out: dict = {"proxy": proxy}
     reference: list[list[int]] = []

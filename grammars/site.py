@@ -162,11 +162,16 @@ class CursorSite:
         self.prefix_brackets = prefix_brackets
         suffix_brackets, _ = scan_brackets(self.base_text, self.cursor, len(self.base_text), self.base_spans, language)
         closers = unmatched_closers(suffix_brackets, language)
+        # The suffix closes every bracket it opens (one that does not is a file cut short or the
+        # user's unfinished text, whose errors can reach back over the cursor).
+        opened = sum(1 for b in suffix_brackets if b.char in language.openers)
+        self.suffix_balanced = opened <= len(suffix_brackets) - opened - len(closers)  # its own closers pair them all
         self.suffix_closers = [b.char for b in closers]
         self.suffix_closer_indents = [_line_indent(self.base_text, b.pos) for b in closers]
         self._stack_reliable: bool | None = None
 
-        self._pre_errors: list[ErrorNode] | None = None
+        self._prefix_alone: list[ErrorNode] | None = None
+        self._prefix_clean: bool | None = None
         self._indent: tuple[IndentState, int] | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -216,10 +221,16 @@ class CursorSite:
 
     def pre_errors(self) -> list[ErrorNode]:
         """Errors of the prefix alone that do not reach its end (those at the end are just unfinished)."""
-        if self._pre_errors is None:
-            tree = self.parser.parse(self.pre)
-            self._pre_errors = [e for e in error_nodes(tree.root_node) if not at_end(e, self.pre)]
-        return self._pre_errors
+        return [e for e in self._prefix_errors() if not at_end(e, self.pre)]
+
+    def _prefix_errors(self) -> list[ErrorNode]:
+        """Every error of the prefix parsed alone (once). The parser's last tree stays the judged
+        document's: _opens_block reads it."""
+        if self._prefix_alone is None:
+            last = self.parser.last_text, self.parser.last_tree
+            self._prefix_alone = error_nodes(self.parser.parse(self.pre).root_node)
+            self.parser.last_text, self.parser.last_tree = last
+        return self._prefix_alone
 
     def line_text_before_cursor(self) -> str:
         return self.pre[self.line_start:].decode("utf-8", "replace")
@@ -550,13 +561,17 @@ class CursorSite:
         they mismatch without the infill."""
         outer = sum(1 for b in self.stack.openers if b.pos < self.item_start)
 
+        indents = self.suffix_closer_indents
+        item_end = indents.index(0) if 0 in indents else None  # the first closer at column 0 ends the item
+
         def local_problems(stack: list[tuple[str, int]]) -> int:
-            """Stray closers inside the item (indented: one at column 0 may close something before
-            the parsed window, a namespace), and openers of the cursor's item left unclosed (those
-            of earlier items, `function broken(` above, may be the user's unfinished business)."""
+            """Stray closers of the cursor's item (indented ones, and the first at column 0; a later
+            one at column 0 may close something before the parsed window, a namespace), and
+            openers of the item left unclosed (those of earlier items, `function broken(` above,
+            may be the user's unfinished business)."""
             stray, unclosed = pair_closers([c for c, _ in stack], self.suffix_closers, self.language,
-                                           [i for _, i in stack], self.suffix_closer_indents)
-            return (sum(1 for index in stray if self.suffix_closer_indents[index] != 0)
+                                           [i for _, i in stack], indents)
+            return (sum(1 for index in stray if indents[index] != 0 or index == item_end)
                     + sum(1 for index in unclosed if index >= outer))
 
         before = local_problems([(b.char, _line_indent(self.base_text, b.pos, False)) for b in self.stack.openers])
@@ -564,9 +579,20 @@ class CursorSite:
 
     @property
     def prefix_clean(self) -> bool:
-        """The prefix has no error of its own (its unfinished end aside) and balanced brackets:
-        then errors around the cursor in the document without the infill are the empty hole's."""
-        return not self.stack.damaged and not self.pre_errors()
+        """The prefix, its open brackets closed, has no error before the cursor's line, and the
+        suffix closes every bracket it opens: then errors around the cursor in the document
+        without the infill are the empty hole's. (An error from far above, such as a window that
+        starts inside a comment, or a suffix cut short, leaves that undecided.)"""
+        if not self.suffix_balanced:
+            return False
+        if self._prefix_clean is None:
+            # The prefix with its open brackets closed: an open function body is not an error.
+            closing = "".join(self.language.openers[b.char] for b in reversed(self.stack.openers)).encode()
+            last = self.parser.last_text, self.parser.last_tree
+            errors = error_nodes(self.parser.parse(self.pre + b"\n" + closing).root_node)
+            self.parser.last_text, self.parser.last_tree = last
+            self._prefix_clean = not self.stack.damaged and all(e.start >= self.line_start for e in errors)
+        return self._prefix_clean
 
     def _parse_problems(self, tree: tree_sitter.Tree, doc: bytes, end: int, closed: bool, unfinished: int) -> list[Problem]:
         """New ERROR/MISSING nodes compared with the document without the infill.
@@ -598,7 +624,9 @@ class CursorSite:
             found = [e for e in found if e.end < unfinished]
             base = self.pre_errors() + [e for e in self.base_errors if e.end < self.cursor]
             fresh = new_errors(base, found, self.cursor, 0)
-        earlier = [e for e in found if e.end <= self.line_start]
+        # The user's errors before the cursor's line (not new ones the infill caused there, such as a
+        # MISSING node at the line break before `>>`): an error wrapping them is excused.
+        earlier = [e for e in found if e.end <= self.line_start and e not in fresh]
         fresh = [
             e for e in fresh
             if e.end > self.line_start

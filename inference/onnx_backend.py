@@ -22,6 +22,7 @@ CPU); numpy views cross into ONNX Runtime without copies where the tensors are c
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -141,9 +142,7 @@ def export(model: Transformer, directory: Path) -> tuple[Path, Path]:
 
 
 def _float_cpu_copy(model: Transformer) -> Transformer:
-    copy = Transformer(model.config)
-    copy.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
-    return copy.eval()
+    return copy.deepcopy(model).float().cpu().eval()  # fused (Engine.load) or not, as the model is
 
 
 def quantize(source: Path, target: Path) -> Path:

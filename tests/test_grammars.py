@@ -537,3 +537,16 @@ def test_an_indented_suffix_needs_the_header_from_the_hole():
     critic = SyntaxCritic(python, prefix, suffix, "block")
     assert not critic.is_valid("# tracing helpers")
     assert critic.is_valid("if DEBUG:")
+
+
+def test_the_first_closer_at_column_zero_ends_the_cursors_item():
+    """`}` at column 0 after a signature whose `{` the hole must write: stray, and the hole's to
+    open; a later `}` at column 0 (a namespace opened before the parsed window) is not."""
+    ts, cpp = language_for("typescript"), language_for("cpp")
+    prefix = "function same(a: any, b: any): boolean {\n    return a === b\n}\n\nfunction shallow(a: any, b: any): bo"
+    suffix = "\n    return a == b\n}\n\nfunction other(): number {\n    return 1\n}\n"
+    assert not SyntaxCritic(ts, prefix, suffix, "line").is_valid("ss")
+    assert SyntaxCritic(ts, prefix, suffix, "line").is_valid("olean {")
+    prefix = "class Acceptor\n{\n  public:\n    bool accept(int value)\n    {\n        "
+    suffix = "\n    }\n};\n}  // namespace detail\n"
+    assert SyntaxCritic(cpp, prefix, suffix, "block").is_valid("return value > 0;")
