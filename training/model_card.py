@@ -175,7 +175,8 @@ def write_card(model: Path, report_path: Path, previous_path: Path | None, corpu
         *[f"| {st['run']} | {st['steps']} | {st['tokens'] / 1e6:.1f}M | {st['seconds'] / 60:.0f} | {st['hardware']} | "
           f"{st['batch_size']} | {st['lr']} | {st['init_from'] or 'random initialisation'} |" for st in stages],
         "",
-        "The configs are in `training/configs/` (`small.json`, then `small-continue.json`).",
+        "The configs are in `training/configs/` (`small.json`, `small-continue.json`, `small-continue-2.json`, one per "
+        "run); the README's training commands run them in order.",
         "",
         "### Learning curve (held-out files)",
         "",
