@@ -117,6 +117,21 @@ def _strip_trailing_blank(text: str, suffix: str) -> str:
     return stripped
 
 
+def _stop_at_stutter(prefix: str, text: str) -> str:
+    """Cut a multi-line completion before the first line that repeats the line above it (the
+    cursor's line counts, whole): small models stutter (`value += 0.0` nine times), and a line
+    written twice in a row is almost never what the user wants; editors' completion tools filter
+    such repetition the same way."""
+    lines = text.split("\n")
+    previous = (prefix[prefix.rfind("\n") + 1:] + lines[0]).strip()
+    for index in range(1, len(lines)):
+        current = lines[index].strip()
+        if current and current == previous and _WORD.search(current):  # `}` under `}` is no stutter
+            return "\n".join(lines[:index]).rstrip()
+        previous = current or previous
+    return text
+
+
 def _drop_repeated_lines(text: str, suffix: str, site: CursorSite | None) -> str:
     """Drop the completion's last lines when they repeat the first lines after the cursor."""
     lines = text.split("\n")
@@ -212,8 +227,8 @@ def _cut_to_complete(text: str, site: CursorSite | None) -> str:
 def trim_completion(prefix: str, completion: str, suffix: str, language: Language | None, mode: str) -> str:
     """Trim a completion to a syntactic boundary.
 
-    line: stop at the end of the first line. block: strip trailing blank lines, drop lines that
-    repeat the suffix, then end at the end of a complete statement or block (dropping a trailing
+    line: stop at the end of the first line. block: strip trailing blank lines, stop before a
+    line that repeats the line above it, drop lines that repeat the suffix, then end at the end of a complete statement or block (dropping a trailing
     partial statement when possible). Both: never duplicate text that already follows the cursor
     (suffix starts with `)` and completion ends with `)` -> drop it, when that helps).
     """
@@ -230,6 +245,9 @@ def trim_completion(prefix: str, completion: str, suffix: str, language: Languag
     if not text.strip():
         return ""
     site = CursorSite(language, prefix, suffix) if language is not None else None
+    text = _stop_at_stutter(prefix, text)
+    if not text.strip():
+        return ""
     text = _drop_repeated_lines(text, suffix, site)
     text = _drop_suffix_overlap(text, suffix, site)
     return _cut_to_complete(text, site)

@@ -550,3 +550,14 @@ def test_the_first_closer_at_column_zero_ends_the_cursors_item():
     prefix = "class Acceptor\n{\n  public:\n    bool accept(int value)\n    {\n        "
     suffix = "\n    }\n};\n}  // namespace detail\n"
     assert SyntaxCritic(cpp, prefix, suffix, "block").is_valid("return value > 0;")
+
+
+def test_a_block_completion_stops_where_a_line_repeats_the_one_above():
+    python, go = language_for("python"), language_for("go")
+    prefix, suffix = "def total(items):\n    value = 0\n    for item in items:\n        value += ", "\n    return value\n"
+    stutter = "0.0\n        value += 0.0\n        value += 0.0"
+    assert trim_completion(prefix, stutter, suffix, python, "block") == "0.0"
+    steps = "item.price\n        count += 1"
+    assert trim_completion(prefix, steps, suffix, python, "block") == steps
+    closers = "if b {\n\t\tif c {\n\t\t\treturn\n\t\t}\n\t}"
+    assert trim_completion("package main\n\nfunc f(b, c bool) {\n\t", closers, "\n}\n", go, "block") == closers
