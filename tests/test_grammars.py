@@ -487,69 +487,51 @@ def test_errors_that_only_the_empty_hole_causes_are_the_completions_to_fix():
     assert SyntaxCritic(language_for("go"), prefix, broken_below, "line").is_valid("Set() {")
 
 
-# ---------------------------------------------------------------------------------- the hole's brackets
+# ---------------------------------------------------------------------------------- the hole's errors
+
+# The document without the infill is broken only because the hole is empty: a completion must
+# repair that, not leave it as it found it. (language, prefix, suffix, mode, wrong, right)
+HOLE_CASES = {
+    # a `}` after the cursor that nothing in the function opens
+    "go-block-opener": ("go", "package main\n\nfunc check(ok bool) {\n\t", "\n\t\tpanic(\"failed\")\n\t}\n}\n",
+                        "block", "return", "if !ok {"),
+    # the item's `(` that nothing after the cursor closes
+    "ts-unclosed-paren": ("typescript", "export type Handler = (\n    value: string,\n    context: number\n",
+                          "\n\nexport type Other = number\n", "line", " | string", ") => void"),
+    # `=> {` before the line's own `;` leaves a brace open, not a block for the user to type
+    "ts-no-header-mid-line": ("typescript", "const compile = (items: string[]): string[] =>\n  ", ";\n\nconst other = 1;\n",
+                              "line", "{", "items.map((x) => x.trim())"),
+    # tree-sitter's recovery from `for |:` stretches over the whole function: still the hole's error
+    "python-for-target": ("python", "def last(args):\n    found = None\n    for ", ":\n        found = arg\n    return found\n",
+                          "line", "a", "arg in args"),
+    # `x, y := |` ends its error before the cursor
+    "go-short-assignment": ("go", "package main\n\nfunc run() {\n\tx, y := ", "\n\n\tprint(x, y)\n}\n", "line", "{", "1, 2"),
+    # an indented suffix needs its block header from the hole
+    "python-indented-suffix": ("python", "import sys\n\nDEBUG = False\n\n", "\n    def trace(x):\n        print(x)\n",
+                               "block", "# tracing helpers", "if DEBUG:"),
+    # the first `}` at column 0 ends the cursor's item: stray, the hole has to open it
+    "ts-column-zero-closer": ("typescript", "function same(a: any, b: any): boolean {\n    return a === b\n}\n\n"
+                              "function shallow(a: any, b: any): bo", "\n    return a == b\n}\n\nfunction other(): number {\n"
+                              "    return 1\n}\n", "line", "ss", "olean {"),
+}
 
 
-def test_a_suffix_that_needs_an_opener_rejects_a_completion_without_it():
-    """`}` after the cursor that nothing in the function opens: the empty hole is what breaks the
-    document, so a completion must open the block, not leave the document as it found it."""
-    go = language_for("go")
-    prefix, suffix = "package main\n\nfunc check(ok bool) {\n\t", "\n\t\tpanic(\"failed\")\n\t}\n}\n"
-    assert not SyntaxCritic(go, prefix, suffix, "block").is_valid("return")
-    assert SyntaxCritic(go, prefix, suffix, "block").is_valid("if !ok {")
-    assert SyntaxCritic(go, prefix, suffix, "line").is_valid("if !ok {")
+@pytest.mark.parametrize("case", HOLE_CASES.values(), ids=HOLE_CASES.keys())
+def test_errors_the_empty_hole_causes_are_the_completions_to_repair(case):
+    language_id, prefix, suffix, mode, wrong, right = case
+    language = language_for(language_id)
+    assert not SyntaxCritic(language, prefix, suffix, mode).is_valid(wrong)
+    assert SyntaxCritic(language, prefix, suffix, mode).is_valid(right)
 
 
-def test_a_bracket_the_item_left_open_must_be_closed_by_the_completion():
-    ts = language_for("typescript")
-    prefix = "export type Handler = (\n    value: string,\n    context: number\n"
-    suffix = "\n\nexport type Other = number\n"
-    assert not SyntaxCritic(ts, prefix, suffix, "line").is_valid(" | string")
-    assert SyntaxCritic(ts, prefix, suffix, "line").is_valid(") => void")
-
-
-def test_a_block_header_is_no_place_to_stop_when_the_line_goes_on():
-    """`=> {` before the line's own `;` leaves a brace open, not a block for the user to type."""
-    ts = language_for("typescript")
-    prefix, suffix = "const compile = (items: string[]): string[] =>\n  ", ";\n\nconst other = 1;\n"
-    critic = SyntaxCritic(ts, prefix, suffix, "line")
-    assert not critic.is_valid("{")
-    assert critic.is_valid("items.map((x) => x.trim())")
-
-
-def test_errors_the_empty_hole_causes_are_not_excused():
-    """With a clean prefix, the errors of the document without the infill around the cursor are
-    the hole's, however far tree-sitter's recovery stretches them: `for a:` stays an error."""
-    python, go = language_for("python"), language_for("go")
-    prefix = "def last(args):\n    found = None\n    for "
-    suffix = ":\n        found = arg\n    return found\n"
-    critic = SyntaxCritic(python, prefix, suffix, "line")
-    assert not critic.is_valid("a")
-    assert critic.is_valid("arg in args")
-    critic = SyntaxCritic(go, "package main\n\nfunc run() {\n\tx, y := ", "\n\n\tprint(x, y)\n}\n", "line")
-    assert not critic.is_valid("{")
-    assert critic.is_valid("1, 2")
-
-
-def test_an_indented_suffix_needs_the_header_from_the_hole():
-    python = language_for("python")
-    prefix, suffix = "import sys\n\nDEBUG = False\n\n", "\n    def trace(x):\n        print(x)\n"
-    critic = SyntaxCritic(python, prefix, suffix, "block")
-    assert not critic.is_valid("# tracing helpers")
-    assert critic.is_valid("if DEBUG:")
-
-
-def test_the_first_closer_at_column_zero_ends_the_cursors_item():
-    """`}` at column 0 after a signature whose `{` the hole must write: stray, and the hole's to
-    open; a later `}` at column 0 (a namespace opened before the parsed window) is not."""
-    ts, cpp = language_for("typescript"), language_for("cpp")
-    prefix = "function same(a: any, b: any): boolean {\n    return a === b\n}\n\nfunction shallow(a: any, b: any): bo"
-    suffix = "\n    return a == b\n}\n\nfunction other(): number {\n    return 1\n}\n"
-    assert not SyntaxCritic(ts, prefix, suffix, "line").is_valid("ss")
-    assert SyntaxCritic(ts, prefix, suffix, "line").is_valid("olean {")
+def test_brackets_outside_the_cursors_item_stay_the_users():
+    """A later `}` at column 0 may close a namespace opened before the parsed window; a header line
+    completion that opens the missing block is fine."""
+    cpp, go = language_for("cpp"), language_for("go")
     prefix = "class Acceptor\n{\n  public:\n    bool accept(int value)\n    {\n        "
-    suffix = "\n    }\n};\n}  // namespace detail\n"
-    assert SyntaxCritic(cpp, prefix, suffix, "block").is_valid("return value > 0;")
+    assert SyntaxCritic(cpp, prefix, "\n    }\n};\n}  // namespace detail\n", "block").is_valid("return value > 0;")
+    prefix, suffix = "package main\n\nfunc check(ok bool) {\n\t", "\n\t\tpanic(\"failed\")\n\t}\n}\n"
+    assert SyntaxCritic(go, prefix, suffix, "line").is_valid("if !ok {")
 
 
 def test_a_block_completion_stops_where_a_line_repeats_the_one_above():
