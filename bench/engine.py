@@ -150,12 +150,12 @@ def line_request(case: Case, prefix: str | None = None, key: str | None = None, 
 
 
 def forced(engine):
-    """The same engine with end tokens disabled and banned: every infill decodes its whole budget
-    in real tokens."""
+    """The same engine with end tokens disabled and banned, and no stop at a repeated line: every
+    infill decodes its whole budget in real tokens."""
     from difill.inference.engine import Engine
 
     twin = Engine(engine.model, engine.tokenizer, name=engine.name, device=engine.device, backend=engine.backend,
-                  settings=replace(engine.settings))
+                  settings=replace(engine.settings, stop_at_stutter=False))
     twin.denoiser = engine.denoiser
     twin._end = torch.zeros_like(engine._end)
     twin._newline_end = torch.zeros_like(engine._newline_end)

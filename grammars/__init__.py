@@ -6,6 +6,7 @@ The engine and the language server use exactly these names:
   (``languages.json`` and ``queries/<name>/*.scm``; per-language knowledge is data, not code).
 * :func:`decide_mode`: "line" or "block" from the cursor's syntactic position.
 * :func:`trim_completion`: cut a completion back to a syntactic boundary.
+* :func:`stop_at_stutter`: cut a multi-line text before a line that repeats the one above it.
 * :class:`SyntaxCritic`: judge a canvas between denoising steps ("no new syntax errors").
 * :func:`syntax_errors`: ERROR + MISSING nodes of a parse.
 
@@ -17,7 +18,7 @@ prose (@text) and code nested in literals (@code). No code changes.
 
 from .critic import SyntaxCritic
 from .languages import Language, language_for, load_languages, supported_languages
-from .modes import BLOCK, LINE, decide_mode, trim_completion
+from .modes import BLOCK, LINE, decide_mode, stop_at_stutter, trim_completion
 from .syntax import syntax_errors
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "decide_mode",
     "language_for",
     "load_languages",
+    "stop_at_stutter",
     "supported_languages",
     "syntax_errors",
     "trim_completion",

@@ -117,7 +117,7 @@ def _strip_trailing_blank(text: str, suffix: str) -> str:
     return stripped
 
 
-def _stop_at_stutter(prefix: str, text: str) -> str:
+def stop_at_stutter(prefix: str, text: str) -> str:
     """Cut a multi-line completion before the first line that repeats the line above it (the
     cursor's line counts, whole): small models stutter (`value += 0.0` nine times), and a line
     written twice in a row is almost never what the user wants; editors' completion tools filter
@@ -245,7 +245,7 @@ def trim_completion(prefix: str, completion: str, suffix: str, language: Languag
     if not text.strip():
         return ""
     site = CursorSite(language, prefix, suffix) if language is not None else None
-    text = _stop_at_stutter(prefix, text)
+    text = stop_at_stutter(prefix, text)
     if not text.strip():
         return ""
     text = _drop_repeated_lines(text, suffix, site)

@@ -133,6 +133,7 @@ class EngineSettings:
     cache_bytes: int = 256 * 2**20  # memory bound of the per-document context caches
     prefix_quantum_lines: int = 4  # the prefix starts on a multiple of this line (cache stability)
     fill_after_end: bool = True  # an end-of-infill token fills the rest of its canvas at once
+    stop_at_stutter: bool = True  # a block that repeats a line ends the infill (trimming would cut there)
     threads: int | None = None  # torch CPU threads; None: 1 for small models (Engine.load), else torch's default
     # Weights and activations of the torch backend: "float32" or "bfloat16"; None: bfloat16 on
     # CUDA, float32 on the CPU. bfloat16 on a CPU with AMX tiles is about 1.1x faster per request
@@ -240,6 +241,10 @@ class _NoGrammars:
     def trim_completion(prefix: str, completion: str, suffix: str, language, mode: str) -> str:
         return completion.split("\n", 1)[0] if mode == "line" else completion
 
+    @staticmethod
+    def stop_at_stutter(prefix: str, text: str) -> str:
+        return text
+
 
 _warned_no_grammars = False
 
@@ -251,7 +256,7 @@ def _grammars():
         from difill import grammars
     except ImportError:
         grammars = None
-    if grammars is not None and all(hasattr(grammars, n) for n in ("language_for", "decide_mode", "trim_completion")):
+    if grammars is not None and all(hasattr(grammars, n) for n in ("language_for", "decide_mode", "trim_completion", "stop_at_stutter")):
         return grammars
     if not _warned_no_grammars:
         log.warning("difill.grammars is not available: completing without languages or the syntax constraint")
@@ -567,7 +572,8 @@ class Engine:
                     if not job.finished[k]:
                         job.outputs[k].extend(result.tokens[r])
                         job.finished[k] = result.ended[r]
-                if all(job.finished) or max(len(o) for o in job.outputs) >= job.max_tokens or job.rows > 1:
+                if all(job.finished) or max(len(o) for o in job.outputs) >= job.max_tokens or job.rows > 1 \
+                        or self._stutters(job):
                     # candidates diverge: one block each is what editors show
                     job.done = True
                     job.latency_ms = (time.perf_counter() - job.start) * 1000
@@ -575,6 +581,13 @@ class Engine:
                     self._extend(job.state, result.tokens[rows_of_job[0]])
             active = [j for j in active if not j.done]
             block += 1
+
+    def _stutters(self, job: _Job) -> bool:
+        """The text so far repeats a line: trimming cuts it there, so another block is wasted."""
+        if not self.settings.stop_at_stutter:
+            return False
+        text = self.tokenizer.decode(job.outputs[0])
+        return _grammars().stop_at_stutter(job.request.prefix, text) != text
 
     # ------------------------------------------------------------------ context
     def _budget_prefix(self, prefix: str, budget: int) -> list[int]:

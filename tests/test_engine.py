@@ -169,6 +169,17 @@ def test_canvas_reuse_runs_fewer_positions_between_refreshes(engine, monkeypatch
     assert sum(runs[4]) < 0.6 * sum(runs[1])
 
 
+def test_a_block_that_repeats_a_line_ends_the_infill(engine, monkeypatch):
+    """Trimming cuts a block completion before a line that repeats the one above it, so once the
+    text so far does, the engine decodes no further block."""
+    from difill import grammars
+
+    request = line_request(LINE_AT[2], mode="block", max_tokens=3 * engine.settings.canvas_tokens)
+    monkeypatch.setattr(grammars, "stop_at_stutter", lambda prefix, text: "")  # every text "stutters"
+    result = engine.infill(request)
+    assert 0 < result.tokens <= engine.settings.canvas_tokens
+
+
 # ---------------------------------------------------------------------------- batching
 def test_batch_equals_one_by_one(engine):
     requests = [
