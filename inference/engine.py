@@ -127,7 +127,7 @@ class EngineSettings:
     # the rest's keys and values from an earlier step (Fast-dLLM's approximate caches).
     # Bidirectional models: the canvas only, over prefix and suffix keys. Block models (torch
     # backend): the canvas positions that changed or are predicted (CanvasKV); 64-token blocks
-    # 1.4x faster at 4, the same completions on the FIM set (bench/README.md). 1: exact.
+    # 1.3x faster at 4, the same quality on the FIM set (bench/README.md). 1: exact.
     refresh_every: int = 4
     constrain_syntax: bool = True
     cache_bytes: int = 256 * 2**20  # memory bound of the per-document context caches
