@@ -24,14 +24,14 @@ from .syntax import (
     IncrementalParser,
     Spans,
     at_end,
-    ends_at_boundary,
-    last_item_start,
     close_with,
-    pair_closers,
     context_spans,
+    ends_at_boundary,
     error_nodes,
     innermost_errors,
+    last_item_start,
     new_errors,
+    pair_closers,
     scan_brackets,
     unmatched_closers,
     window,
@@ -169,6 +169,7 @@ class CursorSite:
         self.suffix_closers = [b.char for b in closers]
         self.suffix_closer_indents = [_line_indent(self.base_text, b.pos) for b in closers]
         self._stack_reliable: bool | None = None
+        self._hole_problems: int | None = None  # _hole_unbalanced's count without the infill
 
         self._prefix_alone: list[ErrorNode] | None = None
         self._prefix_clean: bool | None = None
@@ -224,13 +225,17 @@ class CursorSite:
         return [e for e in self._prefix_errors() if not at_end(e, self.pre)]
 
     def _prefix_errors(self) -> list[ErrorNode]:
-        """Every error of the prefix parsed alone (once). The parser's last tree stays the judged
-        document's: _opens_block reads it."""
+        """Every error of the prefix parsed alone (once)."""
         if self._prefix_alone is None:
-            last = self.parser.last_text, self.parser.last_tree
-            self._prefix_alone = error_nodes(self.parser.parse(self.pre).root_node)
-            self.parser.last_text, self.parser.last_tree = last
+            self._prefix_alone = self._errors_aside(self.pre)
         return self._prefix_alone
+
+    def _errors_aside(self, text: bytes) -> list[ErrorNode]:
+        """The errors of text, leaving the parser's last tree the judged document's (_opens_block reads it)."""
+        last = self.parser.last_text, self.parser.last_tree
+        errors = error_nodes(self.parser.parse(text).root_node)
+        self.parser.last_text, self.parser.last_tree = last
+        return errors
 
     def line_text_before_cursor(self) -> str:
         return self.pre[self.line_start:].decode("utf-8", "replace")
@@ -534,9 +539,8 @@ class CursorSite:
         # infill or the suffix; those of earlier lines may close further on.
         owned_from = len(prefix_stack) - max(0, line_openers - len(consumed))
         owned = [index for index in unclosed if index >= owned_from]
-        after = [(b.char, _line_indent(self.base_text, b.pos, False)) for b in self.stack.openers[: len(prefix_stack)]]
-        after += [(b.char, _line_indent(doc, b.pos, False)) for b in opened]
-        if not owned and self.suffix_whole and self._hole_unbalanced(after):
+        if not owned and self.suffix_whole and self._hole_unbalanced(
+                self._prefix_openers()[: len(prefix_stack)] + [(b.char, _line_indent(doc, b.pos, False)) for b in opened]):
             # The suffix closes what the top-level item's prefix never opened, or leaves open what it
             # opened, with the prefix well-formed: the document is broken only because the hole is
             # empty (`if !ok {` is missing before `}`). The completion has to repair that, not leave
@@ -574,8 +578,13 @@ class CursorSite:
             return (sum(1 for index in stray if indents[index] != 0 or index == item_end)
                     + sum(1 for index in unclosed if index >= outer))
 
-        before = local_problems([(b.char, _line_indent(self.base_text, b.pos, False)) for b in self.stack.openers])
-        return before > 0 and local_problems(after) >= before
+        if self._hole_problems is None:
+            self._hole_problems = local_problems(self._prefix_openers())
+        return self._hole_problems > 0 and local_problems(after) >= self._hole_problems
+
+    def _prefix_openers(self) -> list[tuple[str, int]]:
+        """The prefix's open brackets with their lines' indentation."""
+        return [(b.char, _line_indent(self.base_text, b.pos, False)) for b in self.stack.openers]
 
     @property
     def prefix_clean(self) -> bool:
@@ -588,9 +597,7 @@ class CursorSite:
         if self._prefix_clean is None:
             # The prefix with its open brackets closed: an open function body is not an error.
             closing = "".join(self.language.openers[b.char] for b in reversed(self.stack.openers)).encode()
-            last = self.parser.last_text, self.parser.last_tree
-            errors = error_nodes(self.parser.parse(self.pre + b"\n" + closing).root_node)
-            self.parser.last_text, self.parser.last_tree = last
+            errors = self._errors_aside(self.pre + b"\n" + closing)
             self._prefix_clean = not self.stack.damaged and all(e.start >= self.line_start for e in errors)
         return self._prefix_clean
 
