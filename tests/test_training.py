@@ -85,6 +85,36 @@ def test_resumed_run_equals_uninterrupted_run(tiny: dict, attention: str) -> Non
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
+def test_loader_workers_draw_the_same_batches_as_the_training_process(tiny: dict) -> None:
+    """A GPU run draws batches in worker processes: the run must not depend on how many."""
+    runs = {}
+    for workers in (0, 2):
+        config = write_config(tiny, f"workers-{workers}", max_steps=4, loader_workers=workers)
+        runs[workers] = tiny["root"] / f"workers-{workers}"
+        train(config, runs[workers])
+    a = load_file(str(runs[0] / "ckpt" / "model.safetensors"))
+    b = load_file(str(runs[2] / "ckpt" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_a_time_budget_ends_the_run_and_its_schedule() -> None:
+    from difill.training.train import TrainConfig, lr_at
+    cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=0, max_steps=1_000_000, time_budget_minutes=1.0)
+    assert lr_at(10, cfg, seconds=0.0) == pytest.approx(1.0, abs=1e-3)
+    assert lr_at(10, cfg, seconds=30.0) == pytest.approx(0.55, abs=1e-3)  # half the minutes: half the cosine
+    assert lr_at(10, cfg, seconds=60.0) == pytest.approx(0.1)
+
+
+def test_a_run_stops_at_its_time_budget(tiny: dict) -> None:
+    config = write_config(tiny, "budget", max_steps=10_000, time_budget_minutes=0.02)
+    run = tiny["root"] / "budget"
+    train(config, run)
+    state = json.loads((run / "ckpt" / "state.json").read_text())
+    assert 0 < state["step"] < 10_000 and state["seconds"] >= 1.2
+    assert (run / "export" / "config.json").is_file()
+
+
 def test_training_lowers_the_loss_and_exports_a_loadable_model(tiny: dict) -> None:
     config = write_config(tiny, "learn", max_steps=80, checkpoint_every=1000, log_every=10, eval_every=80)
     run = tiny["root"] / "learn"

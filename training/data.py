@@ -16,6 +16,7 @@ than the canvas is cut and has no <|eoi|>, which teaches the model to go on in t
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -81,15 +82,17 @@ class InfillSampler:
             raise ValueError(f"unknown layout {layout!r}")
         self.layout = layout
         self.texts = [t for t in texts if len(t) > 200]
-        self.weights = [min(len(t), 50_000) for t in self.texts]
+        # Cumulative once: ``choices(weights=...)`` would re-add 20k weights for every draw.
+        self.cum_weights = list(itertools.accumulate(min(len(t), 50_000) for t in self.texts))
         self.tokenizer = tokenizer
         self.context_len = context_len
         self.suffix_budget = suffix_budget
+        self.seed = seed
         self.rng = random.Random(seed)
 
     def draw_parts(self) -> tuple[str, str, str]:
         while True:
-            text = self.rng.choices(self.texts, weights=self.weights)[0]
+            text = self.rng.choices(self.texts, cum_weights=self.cum_weights)[0]
             kind = self.rng.choices(SPAN_KINDS, weights=SPAN_WEIGHTS)[0]
             span = choose_span(text, kind, self.rng)
             if span is None:
@@ -104,6 +107,13 @@ class InfillSampler:
             if suffix_end < len(text) and newline > end:
                 suffix_end = newline
             return text[prefix_start:start], text[start:end], text[end:suffix_end]
+
+    def batch_at(self, step: int, batch_size: int, canvas_len: int) -> Batch:
+        """The batch of training step ``step``: a function of the seed and the step alone, so a
+        resumed run sees the batches an uninterrupted one would, and loader workers can draw
+        any step's batch in any order."""
+        self.rng.seed(self.seed * 1_000_003 + step)
+        return self.batch(batch_size, canvas_len)
 
     def batch(self, batch_size: int, canvas_len: int) -> Batch:
         parts = [self.draw_parts() for _ in range(batch_size)]

@@ -33,7 +33,7 @@ from difill.inference.engine import DTYPES
 from difill.inference.loader import weight_files
 from difill.inference.model import ModelConfig, Transformer, block_diffusion_mask, init_weights
 from difill.inference.tokenizer import BOS, EOI, MASK, MIDDLE, PAD, PREFIX, SUFFIX, Tokenizer
-from difill.training.data import InfillSampler, load_texts
+from difill.training.data import Batch, InfillSampler, load_texts
 
 log = logging.getLogger("difill.train")
 
@@ -51,6 +51,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 200
     max_steps: int = 20000
+    # A run on a lent machine has minutes, not a known number of steps: the learning-rate schedule
+    # then ends at whichever comes first, max_steps or this many minutes of training steps.
+    time_budget_minutes: float | None = None
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     ar_weight: float = 0.5
@@ -58,6 +61,9 @@ class TrainConfig:
     eoi_pad_weight: float = 0.1  # loss weight of the <|eoi|> padding after the first one
     min_mask_rate: float = 0.05
     threads: int = 0
+    # Processes that draw batches ahead of the training step (0: in the training process). A GPU
+    # step takes less time than Python needs to cut and tokenize a batch.
+    loader_workers: int = 0
     device: str = "auto"  # "cpu", "cuda", or "auto": CUDA when PyTorch sees a GPU
     bf16: bool = True
     compile: bool = False
@@ -94,10 +100,13 @@ def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
     )
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
+    """Linear warmup, then a cosine to ``min_lr_ratio`` over the steps or the time budget."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.time_budget_minutes:
+        progress = max(progress, min(1.0, seconds / (cfg.time_budget_minutes * 60)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -115,6 +124,30 @@ def attention_mask(context: torch.Tensor, canvas_len: int, after: torch.Tensor |
     mask = base[None] & keys_real[:, None, :]
     mask |= torch.eye(total, dtype=torch.bool, device=device)[None]  # pads see themselves, not NaN
     return mask[:, None]
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Training step -> its batch (:meth:`InfillSampler.batch_at`), for a DataLoader's workers."""
+
+    def __init__(self, sampler: InfillSampler, cfg: TrainConfig):
+        self.sampler, self.cfg = sampler, cfg
+
+    def __len__(self) -> int:
+        return self.cfg.max_steps
+
+    def __getitem__(self, step: int) -> Batch:
+        canvas_len = self.cfg.canvas_lens[step % len(self.cfg.canvas_lens)]
+        return self.sampler.batch_at(step, self.cfg.batch_size, canvas_len)
+
+
+def batch_loader(sampler: InfillSampler, cfg: TrainConfig, first_step: int):
+    """The batches of steps ``first_step`` onwards, in order; drawn ``cfg.loader_workers``
+    processes ahead when there are workers. Which batch a step gets never depends on them."""
+    steps = range(first_step, cfg.max_steps)
+    workers = cfg.loader_workers
+    return torch.utils.data.DataLoader(_StepBatches(sampler, cfg), batch_size=None, sampler=steps, num_workers=workers,
+                                       prefetch_factor=8 if workers else None, persistent_workers=False,
+                                       multiprocessing_context="fork" if workers else None)
 
 
 def diffusion_loss(model: Transformer, context: torch.Tensor, canvas: torch.Tensor, cfg: TrainConfig,
@@ -158,7 +191,8 @@ def diffusion_loss(model: Transformer, context: torch.Tensor, canvas: torch.Tens
         else:
             ar_loss = torch.zeros(())
     loss = canvas_loss + cfg.ar_weight * ar_loss
-    return loss, {"canvas_loss": canvas_loss.item(), "masked_ce": ce.mean().item(), "ar_loss": ar_loss.item()}
+    # Tensors, not floats: reading them waits for the GPU, so the loop reads them only to log.
+    return loss, {"canvas_loss": canvas_loss.detach(), "masked_ce": ce.mean().detach(), "ar_loss": ar_loss.detach()}
 
 
 @torch.no_grad()
@@ -172,7 +206,7 @@ def validation_loss(model: Transformer, sampler: InfillSampler, cfg: TrainConfig
     for i in range(batches):
         batch = sampler.batch(cfg.batch_size, cfg.canvas_lens[i % len(cfg.canvas_lens)])
         _, parts = diffusion_loss(model, batch.context, batch.canvas, cfg, gen, batch.after)
-        total += parts["masked_ce"]
+        total += parts["masked_ce"].item()
     sampler.rng.setstate(state)
     model.train()
     return total / batches
@@ -349,11 +383,6 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
     state = load_checkpoint(run, model, optimizer, generator) or {"step": 0, "tokens": 0, "seconds": 0.0}
     if state["step"]:
         log.info("resumed %s at step %d (%d tokens)", run, state["step"], state["tokens"])
-        if "sampler_rng" in state:
-            version, internal, gauss = state["sampler_rng"]
-            train_sampler.rng.setstate((version, tuple(internal), gauss))
-        else:  # a checkpoint from before the sampler state was saved
-            train_sampler.rng.seed(cfg.seed * 1_000_003 + state["step"])
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters on %s, config %s", n_params / 1e6, device, model.config)
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -367,12 +396,14 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
     # new shape every step, and the FIM check's engine calls the plain model with its own shapes.
     body = torch.compile(model.hidden_states) if cfg.compile else model.hidden_states
     window_start, window_tokens = time.time(), 0
-    while state["step"] < cfg.max_steps and not stop["now"] and not (deadline and time.time() > deadline):
+    budget_seconds = cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else math.inf
+    batches = iter(batch_loader(train_sampler, cfg, state["step"]))
+    while (state["step"] < cfg.max_steps and state["seconds"] < budget_seconds and not stop["now"]
+           and not (deadline and time.time() > deadline)):
         step_start = time.time()
-        canvas_len = cfg.canvas_lens[state["step"] % len(cfg.canvas_lens)]
-        batch = train_sampler.batch(cfg.batch_size, canvas_len)
+        batch = next(batches)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(state["step"], cfg)
+            group["lr"] = lr_at(state["step"], cfg, state["seconds"])
         loss, parts = diffusion_loss(model, batch.context, batch.canvas, cfg, generator, batch.after, body)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -387,7 +418,8 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
             rate = window_tokens / (time.time() - window_start)
             window_start, window_tokens = time.time(), 0
             record = {"step": state["step"], "tokens": state["tokens"], "loss": round(loss.item(), 4),
-                      **{k: round(v, 4) for k, v in parts.items()}, "tokens_per_s": round(rate), "lr": lr_at(state["step"], cfg)}
+                      **{k: round(v.item(), 4) for k, v in parts.items()}, "tokens_per_s": round(rate),
+                      "lr": lr_at(state["step"], cfg, state["seconds"])}
             log.info("step %(step)d  tokens %(tokens)d  loss %(loss).3f  masked_ce %(masked_ce).3f  ar %(ar_loss).3f  %(tokens_per_s)d tok/s", record)
             logfile.write(json.dumps(record) + "\n")
             logfile.flush()
@@ -402,9 +434,7 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
             logfile.write(json.dumps(record) + "\n")
             logfile.flush()
         if state["step"] % cfg.checkpoint_every == 0:
-            state["sampler_rng"] = train_sampler.rng.getstate()
             save_checkpoint(run, model, optimizer, state, generator)
-    state["sampler_rng"] = train_sampler.rng.getstate()
     save_checkpoint(run, model, optimizer, state, generator)
     out = export(run, model, Path(cfg.tokenizer), training_record(run, cfg, state, n_params))
     log.info("exported %s", out)
