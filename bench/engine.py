@@ -424,6 +424,34 @@ def section_threads(model: str | None, cases: list[Case]) -> dict:
     return {f"threads_{n}_p50_ms_line": pct(v, 0.5) for n, v in lat.items()}
 
 
+SIZE_SHAPES = {"5.3M (256x4)": (256, 4, 4, 704), "13.8M (384x6)": (384, 6, 6, 1024), "17.3M (384x8)": (384, 8, 6, 1024),
+               "23.5M (512x6)": (512, 6, 8, 1408), "29.9M (512x8)": (512, 8, 8, 1408)}
+
+
+def section_sizes(rows: int = 24, context: int = 300, repeats: int = 20) -> dict:
+    """CPU cost of one canvas step against model shape (random weights, fused as Engine.load
+    fuses them): what sizes the next model for the editor's latency budget."""
+    from difill.inference.model import ModelConfig, Transformer
+
+    out = {}
+    for name, (hidden, layers, heads, mlp) in SIZE_SHAPES.items():
+        config = ModelConfig(hidden_size=hidden, n_layers=layers, n_heads=heads, n_kv_heads=heads, intermediate_size=mlp)
+        model = Transformer(config).eval().fuse_projections(head=True)
+        with torch.no_grad():
+            cache = model.new_cache()
+            model.hidden_states(torch.randint(10, 8000, (1, context)), torch.arange(context), cache=cache, causal=True, store=True)
+            ids, positions = torch.randint(10, 8000, (1, rows)), torch.arange(context, context + rows)
+            times = []
+            for i in range(repeats + 3):
+                start = time.perf_counter()
+                model.logits(model.hidden_states(ids, positions, cache=cache))
+                if i >= 3:
+                    times.append((time.perf_counter() - start) * 1000)
+        out[name] = {"parameters": config.n_params(), "threads": torch.get_num_threads(),
+                     "step_ms": round(statistics.median(times), 2)}
+    return out
+
+
 def section_refresh(model: str | None, cases: list[Case], bidirectional_model: str | None) -> dict:
     """Agreement of the approximate cache with refresh_every=1 (exact), on 16 forced tokens per
     case (end tokens disabled, so there is text to compare even with a weak model)."""
@@ -603,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         report["batch"] = section_batch(engines, line_cases)
     if "threads" in sections:
         report["threads"] = section_threads(args.model, line_cases[: 4 if args.quick else 12])
+    if "sizes" in sections:  # not in the default run: it times shapes, not the model
+        report["sizes"] = section_sizes()
     if "refresh" in sections:
         report["refresh"] = section_refresh(args.model, line_cases[: 4 if args.quick else 12], args.bidirectional_model)
     report["conditions"]["seconds"] = round(time.perf_counter() - started, 1)
@@ -635,7 +665,7 @@ def render(report: dict) -> str:
            f"{report['conditions']['load_average_end']}, model {report['conditions']['model']} "
            f"({report['conditions']['parameters'] / 1e6:.1f}M), cases: {report['conditions']['cases']}"]
     out.append(table("backends (warm = typing session; block = 64 forced tokens; cold = new document)", report["backends"]))
-    for key in ("naive", "window", "canvas", "batch", "threads", "refresh"):
+    for key in ("naive", "window", "canvas", "batch", "threads", "refresh", "sizes"):
         if key in report:
             section = report[key]
             nested = {k: v for k, v in section.items() if isinstance(v, dict)}

@@ -59,8 +59,10 @@ MODES = ("line", "block", "auto")
 OPEN_END_TOKENS = ("<|dlm_pad|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
 # Models below this size run fastest on one CPU thread (bench/README.md): a step is many small
 # matrix products, and OpenMP's fork/join costs more than it saves, badly so when other
-# processes (the editor, a build) keep the cores busy.
-SMALL_MODEL_PARAMS = 50_000_000
+# processes (the editor, a build) keep the cores busy. Above it two threads pay even so: the
+# 13.8M bundled model answers a cold line in 80 ms on two threads against 135 ms on one
+# (bench/engine.py's threads section, idle 2-core CPU).
+SMALL_MODEL_PARAMS = 10_000_000
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,8 @@ def decoding_section(engine: dict, decode_window: int | dict | None) -> list[str
         lines.append(f"| {name} | {row['cases']} | {fmt(row['exact'])} | {fmt(row['edit_similarity'])} | "
                      f"{fmt(row['non_empty'])} | {fmt(row['steps_mean'])} | {fmt(row['p50_ms'])} |")
     keys = ("p50_ms_line", "p95_ms_line", "p50_ms_block", "cold_p50_ms_line", "cold_p50_ms_line_1k", "speedup_vs_naive")
-    lines += ["", "Latency on this 2-core CPU (torch, one thread; warm = a typing session): " +
+    threads = engine.get("conditions", {}).get("threads", "?")
+    lines += ["", f"Latency on this 2-core CPU (torch, {threads} thread(s); warm = a typing session): " +
               ", ".join(f"{k} {fmt(engine.get(k))}" for k in keys if engine.get(k) is not None) + ".", ""]
     return lines
 
@@ -175,8 +176,8 @@ def write_card(model: Path, report_path: Path, previous_path: Path | None, corpu
         *[f"| {st['run']} | {st['steps']} | {st['tokens'] / 1e6:.1f}M | {st['seconds'] / 60:.0f} | {st['hardware']} | "
           f"{st['batch_size']} | {st['lr']} | {st['init_from'] or 'random initialisation'} |" for st in stages],
         "",
-        "The configs are in `training/configs/` (`small.json`, `small-continue.json`, `small-continue-2.json`, one per "
-        "run); the README's training commands run them in order.",
+        "Each run's whole config is in `training.json` beside this card; the README's training commands reproduce "
+        "the runs from `training/configs/`.",
         "",
         "### Learning curve (held-out files)",
         "",
@@ -213,7 +214,7 @@ def write_card(model: Path, report_path: Path, previous_path: Path | None, corpu
         lines += [
             "## Attention layout: block diffusion against bidirectional",
             "",
-            "Two models of this size trained alike from scratch (`training/configs/compare-*.json`, the attention "
+            "Two small models (hidden 256, 4 layers) trained alike from scratch (`training/configs/compare-*.json`, the attention "
             "layout the only difference), measured by `python bench/layouts.py` on the same held-out Python "
             f"single-line cases ({next(iter(layouts['runs'].values())).get('quality_cases', '?')} for quality, typing "
             "sessions for latency) on this 2-core CPU:",
@@ -225,8 +226,9 @@ def write_card(model: Path, report_path: Path, previous_path: Path | None, corpu
         "## Limits",
         "",
         f"Single-line exact match on the FIM set is {line_exact:.1%} (goal: 40% on unseen Python). "
-        f"{total_tokens / 1e6:.0f}M training tokens on a 2-core CPU are far from what a strong completion "
-        "model needs; the learning curve above is the basis for planning the next, larger run on a GPU.",
+        f"{total_tokens / 1e6:.0f}M training tokens ({', '.join(sorted({st['hardware'] for st in stages}))}) are far "
+        "from what a strong completion model needs; the learning curve above is the basis for planning the next, "
+        "larger run.",
         "",
     ]
     text = "\n".join(lines)
