@@ -138,8 +138,8 @@ class EngineSettings:
     stop_at_stutter: bool = True  # a block that repeats a line ends the infill (trimming would cut there)
     threads: int | None = None  # torch CPU threads; None: 1 for small models (Engine.load), else torch's default
     # Weights and activations of the torch backend: "float32" or "bfloat16"; None: bfloat16 on
-    # CUDA, float32 on the CPU. bfloat16 on a CPU with AMX tiles is about 1.1x faster per request
-    # and 1.2-1.6x per batch (bench/README.md), but rounds differently between a cached and a fresh
+    # CUDA, float32 on the CPU. bfloat16 on a CPU with AMX tiles is 1.15x faster per warm request,
+    # 1.4-1.7x per cold one and 1.5x per batch (bench/README.md), but rounds differently between a cached and a fresh
     # context, so a completion is no longer bit-reproducible across the two: an opt-in for
     # throughput (difill serve-model --dtype bfloat16), not the default.
     dtype: str | None = None
