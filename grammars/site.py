@@ -66,9 +66,12 @@ class IndentState:
 
     levels: list[int] = field(default_factory=lambda: [0])
     after_header: bool = False
+    # Levels between 0 and this one are unknown: the text seen began inside a block (a window cut
+    # from a long class). A dedent into that range opens no error.
+    open_below: int = 0
 
     def copy(self) -> "IndentState":
-        return IndentState(list(self.levels), self.after_header)
+        return IndentState(list(self.levels), self.after_header, self.open_below)
 
     def accept(self, indent: int, strict: bool) -> str | None:
         """Apply a logical line's indent; returns what is wrong with it (None if fine).
@@ -95,6 +98,10 @@ class IndentState:
     def _dedent(self, indent: int) -> bool:
         while len(self.levels) > 1 and self.levels[-1] > indent:
             self.levels.pop()
+        if self.levels[-1] < indent < self.open_below:  # a level the text seen never showed
+            self.levels.append(indent)
+            self.open_below = indent
+            return True
         if self.levels[-1] != indent:
             if indent > self.levels[-1]:
                 self.levels.append(indent)
@@ -174,6 +181,7 @@ class CursorSite:
         self._prefix_alone: list[ErrorNode] | None = None
         self._prefix_clean: bool | None = None
         self._indent: tuple[IndentState, int] | None = None
+        self._window_indent: int | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -272,6 +280,23 @@ class CursorSite:
         lines.append((line_start, end))
         return lines, depth
 
+    @property
+    def window_indent(self) -> int:
+        """Indentation of the parsed prefix's first code line. Above 0 the window (or the prefix an
+        editor sent) begins inside a block: levels and brackets opened before it are unknown."""
+        if self._window_indent is None:
+            self._window_indent = 0
+            start = 0
+            while start < self.cursor:
+                end = self.pre.find(b"\n", start)
+                end = len(self.pre) if end == -1 else end
+                first = self._first_code_byte(self.pre, start, end)
+                if first is not None:
+                    self._window_indent = _indent_width(self.pre[start:first])
+                    break
+                start = end + 1
+        return self._window_indent
+
     def _first_code_byte(self, text: bytes, start: int, end: int) -> int | None:
         """Position of the first non-blank byte of a line, None for a blank or comment-only line."""
         position = _BLANK.match(text, start, end).end()
@@ -299,6 +324,8 @@ class CursorSite:
                     begin = match.start()
             brackets = [b for b in self.prefix_brackets if b.pos >= begin]
             lines, _ = self._logical_lines(self.pre, begin, self.cursor, 0, brackets, self.base_spans)
+            if begin == 0:
+                state.open_below = self.window_indent
             for start, end in lines[:-1]:
                 first = self._first_code_byte(self.pre, start, end)
                 if first is None:
@@ -575,7 +602,8 @@ class CursorSite:
             may be the user's unfinished business)."""
             stray, unclosed = pair_closers([c for c, _ in stack], self.suffix_closers, self.language,
                                            [i for _, i in stack], indents)
-            return (sum(1 for index in stray if indents[index] != 0 or index == item_end)
+            return (sum(1 for index in stray if (indents[index] != 0 or index == item_end)
+                        and not (indents[index] or 0) < self.window_indent)  # left of the window's text: closes what it cut off
                     + sum(1 for index in unclosed if index >= outer))
 
         if self._hole_problems is None:

@@ -543,3 +543,27 @@ def test_a_block_completion_stops_where_a_line_repeats_the_one_above():
     assert trim_completion(prefix, steps, suffix, python, "block") == steps
     closers = "if b {\n\t\tif c {\n\t\t\treturn\n\t\t}\n\t}"
     assert trim_completion("package main\n\nfunc f(b, c bool) {\n\t", closers, "\n}\n", go, "block") == closers
+
+
+def test_a_window_that_starts_inside_a_block_leaves_the_outer_levels_open():
+    """A long class is cut by the parsed window (or the prefix an editor sends): the suffix may
+    dedent to a level of the class that the window never showed; one between known levels is
+    still wrong."""
+    python = language_for("python")
+    prefix = ("        try:\n            run()\n        except KeyboardInterrupt:\n            if not quiet:\n"
+              "                raise\n\n            ")
+    assert SyntaxCritic(python, prefix, "\n\n    def other(self):\n        pass\n", "line").is_valid("sys.exit(1)")
+    assert not SyntaxCritic(python, prefix, "\n\n          def other(self):\n            pass\n", "line").is_valid("sys.exit(1)")
+
+
+def test_closers_left_of_a_window_that_starts_inside_a_block_are_not_the_holes():
+    """The suffix's `}` at a lesser indentation than the parsed text's first line closes a block
+    opened before it: the hole need not open it. A stray `}` at the text's own level or deeper
+    is still the hole's to open."""
+    javascript = language_for("javascript")
+    prefix = "    while (index < length) {\n      if (next === 93) {\n        finished = true;\n        "
+    suffix = "\n      }\n    }\n    return finished;\n  };\n\n  return scan;\n}\n"
+    assert SyntaxCritic(javascript, prefix, suffix, "line").is_valid("break;")
+    prefix, suffix = "    let finished = false;\n    ", "\n      return 1;\n    }\n    return finished;\n  };\n}\n"
+    assert not SyntaxCritic(javascript, prefix, suffix, "line").is_valid("break;")
+    assert SyntaxCritic(javascript, prefix, suffix, "line").is_valid("if (done) {")
