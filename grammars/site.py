@@ -566,12 +566,13 @@ class CursorSite:
         # infill or the suffix; those of earlier lines may close further on.
         owned_from = len(prefix_stack) - max(0, line_openers - len(consumed))
         owned = [index for index in unclosed if index >= owned_from]
-        if not owned and self.suffix_whole and self._hole_unbalanced(
+        if not owned and self.suffix_whole and self.suffix_balanced and self._hole_unbalanced(
                 self._prefix_openers()[: len(prefix_stack)] + [(b.char, _line_indent(doc, b.pos, False)) for b in opened]):
             # The suffix closes what the top-level item's prefix never opened, or leaves open what it
             # opened, with the prefix well-formed: the document is broken only because the hole is
             # empty (`if !ok {` is missing before `}`). The completion has to repair that, not leave
-            # it as it found it. (Brackets of earlier items are the user's unfinished business.)
+            # it as it found it. (Brackets of earlier items are the user's unfinished business; a
+            # suffix that opens what it never closes was cut short, and its end proves nothing.)
             return [Problem(end, end, "the code after the cursor needs brackets the infill does not give", True)]
         if problems <= base_problems and not owned:
             return []

@@ -567,3 +567,12 @@ def test_closers_left_of_a_window_that_starts_inside_a_block_are_not_the_holes()
     prefix, suffix = "    let finished = false;\n    ", "\n      return 1;\n    }\n    return finished;\n  };\n}\n"
     assert not SyntaxCritic(javascript, prefix, suffix, "line").is_valid("break;")
     assert SyntaxCritic(javascript, prefix, suffix, "line").is_valid("if (done) {")
+
+
+def test_a_suffix_cut_short_does_not_make_the_hole_close_what_it_leaves_open():
+    """A suffix that opens a body it never closes was cut (an editor's or a FIM case's budget):
+    the class left open at its end is not the hole's to close."""
+    cpp = language_for("cpp")
+    prefix = "class Parser {\n  public:\n    bool check(int value)\n    {\n        "
+    suffix = "\n    }\n\n    bool other(int value)\n    {\n        return value > 0;\n"
+    assert SyntaxCritic(cpp, prefix, suffix, "block").is_valid("return value == 0;")
