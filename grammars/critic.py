@@ -85,6 +85,8 @@ class SyntaxCritic:
         closed = ended and run == len(pieces)
         tolerate = closed and self._open_end_allowed(infill)
         problems = self._site.judge(infill.encode("utf-8"), closed, tolerate, _last_token(texts))
+        if problems and closed and self._valid_once_trimmed(infill):
+            problems = []
         self.last_problems = problems
         if not problems:
             return []
@@ -117,6 +119,21 @@ class SyntaxCritic:
             if not result:
                 logger.debug("problems %s point only at earlier tokens %s", problems, self.last_blamed_old)
         return result
+
+    def _valid_once_trimmed(self, infill: str) -> bool:
+        """Whether the text that trimming would keep of this ended infill is valid: a line
+        completion's first line, a block completion up to where it leaves the block it started in
+        (`return true;` then the method's `}` and the next method). Then ending here is no
+        mistake: the rest is never shown, and forbidding the end only forces the model on."""
+        if self.mode == "line":
+            kept = infill.split("\n", 1)[0]
+        else:
+            exit_at = self._site.block_exit(infill.encode("utf-8"))
+            if exit_at is None:
+                return False
+            kept = infill.encode("utf-8")[:exit_at].decode("utf-8", "ignore")
+        kept = kept.rstrip()
+        return bool(kept.strip()) and kept != infill.rstrip() and not self._site.judge(kept.encode("utf-8"), True)
 
     def _parse_blame(self, problems: list[Problem], texts: list[str], candidates: set[int]) -> list[int]:
         """Candidate positions under the parse errors of problems (not lexical problems, and not

@@ -576,3 +576,17 @@ def test_a_suffix_cut_short_does_not_make_the_hole_close_what_it_leaves_open():
     prefix = "class Parser {\n  public:\n    bool check(int value)\n    {\n        "
     suffix = "\n    }\n\n    bool other(int value)\n    {\n        return value > 0;\n"
     assert SyntaxCritic(cpp, prefix, suffix, "block").is_valid("return value == 0;")
+
+
+def test_an_infill_may_end_where_trimming_leaves_valid_text():
+    """The model ends a block completion after the method's `}` and the next line: trimming keeps
+    `return true;` (where the completion leaves its block), so the end is not the mistake."""
+    cpp = language_for("cpp")
+    prefix = "class Sax {\n  public:\n    bool null()\n    {\n        "
+    suffix = "\n    }\n\n    bool other()\n    {\n        return true;\n    }\n};\n"
+    critic = SyntaxCritic(cpp, prefix, suffix, "block")
+    pieces = ["return true;", "\n    }", "\n\n    bool flag = 0;", ""]
+    assert critic.review(pieces, [3], ended=True) == []
+    assert trim_completion(prefix, "".join(pieces), suffix, cpp, "block") == "return true;"
+    # text that stays invalid once trimmed still may not end there
+    assert critic.review(["return (true;", "\n    }", ""], [0, 1, 2], ended=True) != []
