@@ -209,3 +209,22 @@ def test_the_model_card_reads_the_whole_history_from_the_exported_model(tiny: di
     assert "- 6 steps," in card
     curve = [line for line in card.splitlines() if line.startswith("| 2 |") or line.startswith("| 4 |") or line.startswith("| 6 |")]
     assert len(curve) == 3  # steps 2 and 4 of the first run, step 2 of the second counted from the first's start
+
+
+def test_debian_copyright_files_give_the_upstream_license() -> None:
+    copyright_text = ("Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\nUpstream-Name: cobra\n\n"
+                      "Files: *\nCopyright: 2013 Steve Francia\nLicense: Apache-2.0\n\n"
+                      "Files: debian/*\nCopyright: 2015 Someone\nLicense: GPL-2+\n")
+    assert corpus_module.debian_license(copyright_text) == "Apache-2.0"
+    assert corpus_module.is_permissive(corpus_module.debian_license(copyright_text.replace("Apache-2.0", "Expat")))
+    assert corpus_module.debian_license("Files: src/*\nLicense: MIT\n") == ""  # no upstream paragraph: not taken
+
+
+def test_pinned_sources_keep_the_fim_sets_packages_out(tmp_path: Path) -> None:
+    pinned = json.loads(Path(corpus_module.__file__).with_name("sources.json").read_text())
+    names = {pin["name"] for registry in ("pypi", "npm", "debian") for pin in pinned.get(registry, [])}
+    assert not names & (corpus_module.EVAL_PACKAGES | corpus_module.DEBIAN_EVAL_PACKAGES)
+    sources = tmp_path / "sources.json"
+    sources.write_text(json.dumps({"debian": [{"name": "librust-semver-dev", "version": "1.0.14-1"}]}))
+    with pytest.raises(ValueError, match="kept back for evaluation"):
+        corpus_module.fetch_pinned(sources, tmp_path / "cache")

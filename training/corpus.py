@@ -36,11 +36,15 @@ log = logging.getLogger(__name__)
 # issue names, and the sources of the other languages' FIM cases (evaluation/fimset/PROVENANCE.md).
 EVAL_PACKAGES = {"more-itertools", "more_itertools", "attrs", "attr", "click",
                  "picomatch", "mobx", "react-native-webview", "ujson", "go-cmp", "nlohmann-json", "nlohmann"}
-PERMISSIVE = re.compile(r"\b(MIT|BSD|Apache|PSF|Python Software Foundation|ISC|Unlicense|Zlib|0BSD)\b", re.I)
+# The FIM set's Go, Rust and C++ sources as Debian packages them (evaluation/fimset/PROVENANCE.md).
+DEBIAN_EVAL_PACKAGES = {"golang-github-google-go-cmp-dev", "librust-semver-dev", "nlohmann-json3-dev"}
+# "Expat" is Debian's name for the MIT license.
+PERMISSIVE = re.compile(r"\b(MIT|Expat|BSD|Apache|PSF|Python Software Foundation|ISC|Unlicense|Zlib|0BSD)\b", re.I)
 COPYLEFT = re.compile(r"\b(GPL|LGPL|AGPL|MPL|EPL|CDDL|SSPL|Commons Clause)\b", re.I)
-SOURCE_SUFFIXES = {".py": "python", ".pyi": "python", ".js": "javascript", ".mjs": "javascript",
-                   ".ts": "typescript", ".c": "c", ".h": "c", ".cpp": "cpp", ".go": "go",
-                   ".rs": "rust", ".java": "java"}
+SOURCE_SUFFIXES = {".py": "python", ".pyi": "python", ".js": "javascript", ".mjs": "javascript", ".cjs": "javascript",
+                   ".jsx": "javascript", ".ts": "typescript", ".mts": "typescript", ".tsx": "tsx", ".c": "c", ".h": "c",
+                   ".cpp": "cpp", ".cc": "cpp", ".cxx": "cpp", ".hpp": "cpp", ".hh": "cpp", ".hxx": "cpp",
+                   ".go": "go", ".rs": "rust", ".java": "java"}
 MAX_FILE_BYTES = 200_000
 MIN_FILE_BYTES = 200
 
@@ -119,25 +123,27 @@ def site_package_files() -> list[SourceFile]:
 
 
 def fetch_pinned(sources: Path, cache: Path) -> list[SourceFile]:
-    """Download the pinned PyPI (``pip download``) and npm (``npm pack``) packages of
+    """Download the pinned PyPI (``pip download``), npm (``npm pack``) and Debian (``apt-get
+    download``: Go and Rust libraries ship their source, C++ libraries their headers) packages of
     ``sources`` into ``cache`` and unpack their source files. The archive's sha256 and the
     license its metadata declares are recorded; a non-permissive license drops the package."""
     spec = json.loads(sources.read_text())
     files: list[SourceFile] = []
-    for registry in ("pypi", "npm"):
+    for registry in ("pypi", "npm", "debian"):
         for pin in spec.get(registry, []):
             name, version = pin["name"], pin["version"]
-            if name.lower() in EVAL_PACKAGES:
+            if name.lower() in EVAL_PACKAGES or name in DEBIAN_EVAL_PACKAGES:
                 raise ValueError(f"{sources}: {name} is kept back for evaluation")
             target = cache / registry / f"{name}-{version}"
             if not target.exists():
                 download = cache / "archives"
                 download.mkdir(parents=True, exist_ok=True)
                 before = set(download.iterdir())
-                command = (["pip", "download", "--no-deps", "-q", f"{name}=={version}", "-d", str(download)] if registry == "pypi"
-                           else ["npm", "pack", f"{name}@{version}", "--silent", "--pack-destination", str(download)])
+                command = {"pypi": ["pip", "download", "--no-deps", "-q", f"{name}=={version}", "-d", str(download)],
+                           "npm": ["npm", "pack", f"{name}@{version}", "--silent", "--pack-destination", str(download)],
+                           "debian": ["apt-get", "download", "-q", f"{name}={version}"]}[registry]
                 try:
-                    subprocess.run(command, check=True, capture_output=True, timeout=300)
+                    subprocess.run(command, check=True, capture_output=True, timeout=300, cwd=download)
                 except (subprocess.CalledProcessError, subprocess.TimeoutExpired, FileNotFoundError) as exc:
                     log.warning("skip %s %s==%s: download failed (%s)", registry, name, version, exc)
                     continue
@@ -145,7 +151,11 @@ def fetch_pinned(sources: Path, cache: Path) -> list[SourceFile]:
                 archive = archives[0]
                 unpack = target.with_suffix(".tmp")
                 shutil.rmtree(unpack, ignore_errors=True)
-                shutil.unpack_archive(str(archive), str(unpack), format="zip" if archive.suffix == ".whl" else None)
+                if archive.suffix == ".deb":
+                    unpack.mkdir(parents=True)
+                    subprocess.run(["dpkg-deb", "-x", str(archive), str(unpack)], check=True, capture_output=True, timeout=300)
+                else:
+                    shutil.unpack_archive(str(archive), str(unpack), format="zip" if archive.suffix == ".whl" else None)
                 (unpack / ".difill-archive.json").write_text(json.dumps({"archive": archive.name, "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}))
                 unpack.rename(target)
             origin = json.loads((target / ".difill-archive.json").read_text())
@@ -162,7 +172,20 @@ def fetch_pinned(sources: Path, cache: Path) -> list[SourceFile]:
     return files
 
 
+def debian_license(copyright_text: str) -> str:
+    """The license of a Debian package's upstream files: the ``License:`` of the machine-readable
+    copyright file's ``Files: *`` paragraph (the ``debian/*`` packaging is often under another)."""
+    for paragraph in re.split(r"\n\s*\n", copyright_text):
+        fields = dict(re.findall(r"^(Files|License):[ \t]*(.*)$", paragraph, re.M))
+        if fields.get("Files", "").split()[:1] == ["*"]:
+            return fields.get("License", "").strip()
+    return ""
+
+
 def archive_license(root: Path, registry: str) -> str:
+    if registry == "debian":
+        copyright_file = next(root.glob("usr/share/doc/*/copyright"), None)
+        return debian_license(copyright_file.read_text(errors="replace")) if copyright_file else ""
     if registry == "npm":
         package = next(root.rglob("package.json"), None)
         data = json.loads(package.read_text()) if package else {}
