@@ -136,7 +136,7 @@ def fetch_pinned(sources: Path, cache: Path) -> list[SourceFile]:
                 raise ValueError(f"{sources}: {name} is kept back for evaluation")
             target = cache / registry / f"{name}-{version}"
             if not target.exists():
-                download = cache / "archives"
+                download = (cache / "archives").resolve()  # apt-get download writes to its working folder
                 download.mkdir(parents=True, exist_ok=True)
                 before = set(download.iterdir())
                 command = {"pypi": ["pip", "download", "--no-deps", "-q", f"{name}=={version}", "-d", str(download)],
