@@ -603,9 +603,15 @@ class CursorSite:
             may be the user's unfinished business)."""
             stray, unclosed = pair_closers([c for c, _ in stack], self.suffix_closers, self.language,
                                            [i for _, i in stack], indents)
-            return (sum(1 for index in stray if (indents[index] != 0 or index == item_end)
-                        and not (indents[index] or 0) < self.window_indent)  # left of the window's text: closes what it cut off
-                    + sum(1 for index in unclosed if index >= outer))
+            return sum(1 for index in stray if counts(index)) + sum(1 for index in unclosed if index >= outer)
+
+        def counts(index: int) -> bool:
+            """A stray closer is the item's unless a column-0 one past the item's end, or one left
+            of where the window's text starts (it closes something the window cut off)."""
+            indent = indents[index]
+            if indent is None:  # after code on its line
+                return True
+            return (indent != 0 or index == item_end) and indent >= self.window_indent
 
         if self._hole_problems is None:
             self._hole_problems = local_problems(self._prefix_openers())
