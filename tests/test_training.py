@@ -228,3 +228,20 @@ def test_pinned_sources_keep_the_fim_sets_packages_out(tmp_path: Path) -> None:
     sources.write_text(json.dumps({"debian": [{"name": "librust-semver-dev", "version": "1.0.14-1"}]}))
     with pytest.raises(ValueError, match="kept back for evaluation"):
         corpus_module.fetch_pinned(sources, tmp_path / "cache")
+
+
+def test_language_weights_set_how_often_a_language_is_drawn(tiny: dict) -> None:
+    from difill.training.data import InfillSampler
+    tokenizer = Tokenizer.from_file(tiny["tokenizer"])
+    python_text, go_text = "x = 1\n" * 100, "package main\n\nfunc main() {\n\tx := 1\n}\n" * 20
+    texts = [(python_text, "python"), (go_text, "go")]
+
+    def go_share(weights: dict | None) -> float:
+        sampler = InfillSampler(texts, tokenizer, 48, 16, seed=0, language_weights=weights)
+        draws = [sampler.draw_parts() for _ in range(400)]
+        return sum("package" in prefix + middle + suffix or "func" in prefix + middle + suffix
+                   for prefix, middle, suffix in draws) / len(draws)
+
+    assert 0.3 < go_share(None) < 0.7  # the two files are about as long
+    assert go_share({"go": 9.0}) > 0.8
+    assert go_share({"python": 0.0}) == 1.0

@@ -39,9 +39,10 @@ class Batch:
     after: torch.Tensor | None = None  # [B, S] the suffix after the canvas (bidirectional layout)
 
 
-def load_texts(path: Path) -> list[str]:
+def load_texts(path: Path) -> list[tuple[str, str]]:
+    """(text, language) of every file of a corpus split."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
+        return [(row["text"], row.get("language", "")) for row in map(json.loads, f)]
 
 
 def choose_span(text: str, kind: str, rng: random.Random) -> tuple[int, int] | None:
@@ -76,14 +77,20 @@ def choose_span(text: str, kind: str, rng: random.Random) -> tuple[int, int] | N
 class InfillSampler:
     """Draws batches of infill examples from a list of source texts, reproducibly from a seed."""
 
-    def __init__(self, texts: list[str], tokenizer: Tokenizer, context_len: int, suffix_budget: int, seed: int,
-                 layout: str = "block"):
+    def __init__(self, texts: list[tuple[str, str]], tokenizer: Tokenizer, context_len: int, suffix_budget: int, seed: int,
+                 layout: str = "block", language_weights: dict[str, float] | None = None):
+        """``texts``: (text, language) pairs. A file is drawn in proportion to its length (capped)
+        times its language's weight (default 1): the corpus is mostly Python, the editors' files
+        are not."""
         if layout not in {"block", "bidirectional"}:
             raise ValueError(f"unknown layout {layout!r}")
         self.layout = layout
-        self.texts = [t for t in texts if len(t) > 200]
+        weights = language_weights or {}
+        kept = [(t, weights.get(language, 1.0)) for t, language in texts if len(t) > 200]
+        kept = [(t, w) for t, w in kept if w > 0]
+        self.texts = [t for t, _ in kept]
         # Cumulative once: ``choices(weights=...)`` would re-add 20k weights for every draw.
-        self.cum_weights = list(itertools.accumulate(min(len(t), 50_000) for t in self.texts))
+        self.cum_weights = list(itertools.accumulate(min(len(t), 50_000) * w for t, w in kept))
         self.tokenizer = tokenizer
         self.context_len = context_len
         self.suffix_budget = suffix_budget
