@@ -125,15 +125,9 @@ class SyntaxCritic:
         completion's first line, a block completion up to where it leaves the block it started in
         (`return true;` then the method's `}` and the next method). Then ending here is no
         mistake: the rest is never shown, and forbidding the end only forces the model on."""
-        if self.mode == "line":
-            kept = infill.split("\n", 1)[0]
-        else:
-            exit_at = self._site.block_exit(infill.encode("utf-8"))
-            if exit_at is None:
-                return False
-            kept = infill.encode("utf-8")[:exit_at].decode("utf-8", "ignore")
-        kept = kept.rstrip()
-        return bool(kept.strip()) and kept != infill.rstrip() and not self._site.judge(kept.encode("utf-8"), True)
+        kept = infill.split("\n", 1)[0].rstrip() if self.mode == "line" else self._site.inside_block(infill)
+        return (kept is not None and bool(kept.strip()) and kept != infill.rstrip()
+                and not self._site.judge(kept.encode("utf-8"), True))
 
     def _parse_blame(self, problems: list[Problem], texts: list[str], candidates: set[int]) -> list[int]:
         """Candidate positions under the parse errors of problems (not lexical problems, and not

@@ -197,13 +197,11 @@ def _cut_to_complete(text: str, site: CursorSite | None) -> str:
             balance += (char in _OPENERS) - (char in _CLOSERS)
         return text[:best].rstrip() if best is not None else text
     problems = _problem_count(site, text)
-    exit_at = site.block_exit(text.encode("utf-8"))
-    if exit_at is not None:
-        inside = text.encode("utf-8")[:exit_at].decode("utf-8", "ignore").rstrip()
-        if inside.strip() and _problem_count(site, inside) <= problems:
-            logger.debug("cut where the completion leaves its block: %r -> %r", text, inside)
-            text = inside
-            problems = _problem_count(site, text)
+    inside = site.inside_block(text)
+    if inside is not None and inside.strip() and _problem_count(site, inside) <= problems:
+        logger.debug("cut where the completion leaves its block: %r -> %r", text, inside)
+        text = inside
+        problems = _problem_count(site, text)
     if not problems:
         return text
     cuts = {index for index, char in enumerate(text) if char == "\n"} | _statement_ends(site, text)

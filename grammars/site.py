@@ -480,6 +480,13 @@ class CursorSite:
         token = tree.root_node.descendant_for_byte_range(offset, offset + 1) if tree is not None else None
         return token is not None and token.parent is not None and token.parent.type in self.language.block_node_types
 
+    def inside_block(self, text: str) -> str | None:
+        """``text`` up to where it leaves the block it started in (trailing blanks dropped), or
+        None when it never leaves: what block trimming keeps of it first."""
+        data = text.encode("utf-8")
+        exit_at = self.block_exit(data)
+        return None if exit_at is None else data[:exit_at].decode("utf-8", "ignore").rstrip()
+
     def block_exit(self, infill: bytes) -> int | None:
         """Where the infill leaves the block it started in (byte offset into infill), if it does.
 
