@@ -19,7 +19,8 @@ Sections:
 
 * warm: a recorded typing session per case (the reference typed one character at a time, a
   request after every keystroke, one document key): latency p50/p95 and the share of the context
-  reused from the cache; ``--backends`` torch, torch-bf16 (bfloat16 weights), onnx, onnx-int8.
+  reused from the cache; ``--backends`` torch (its default weights: float16 on the CPU),
+  torch-fp32, torch-fp16, torch-bf16 (bfloat16 weights), onnx, onnx-int8.
 * block: 64-token infills (the end token disabled, so every request decodes 64 real tokens):
   latency and tokens/s, warm (one keystroke after a first request on the document).
 * cold: new documents, the model's own context budget, and a 1k-token context (budgets raised).
@@ -29,7 +30,7 @@ Sections:
   leftmost masked position every step): exact match, edit similarity, non-empty rate, steps.
 * canvas: canvas key/value reuse of block models (``refresh_every`` 1 = exact, 2, 4, 8): the same quality
   figures on line and block holes, and the forced 64-token block's latency.
-* agreement: completions of torch-bf16, onnx and onnx-int8 against torch on the same cases.
+* agreement: completions of every other variant against torch on the same cases.
 * batch: 8 requests through ``infill_batch`` against one by one.
 * threads: 1 against 2 torch threads.
 * refresh: the approximate cache of bidirectional models (Fast-dLLM ``refresh_every``): agreement
@@ -131,13 +132,25 @@ def pct(values: list[float], q: float) -> float:
 
 
 # ---------------------------------------------------------------------------- engines
+TORCH_DTYPES = {"torch-fp32": "float32", "torch-fp16": "float16", "torch-bf16": "bfloat16"}
+
+
+def default_backends() -> str:
+    """torch (its default weights: float16 on the CPU), torch-fp32, ONNX Runtime; torch-bf16 only
+    where the CPU has bfloat16 units (elsewhere it is emulated, many times slower)."""
+    from difill.inference.engine import cpu_has_bfloat16_units
+
+    return "torch,torch-fp32," + ("torch-bf16," if cpu_has_bfloat16_units() else "") + "onnx,onnx-int8"
+
+
 def load_engines(names: list[str], model: str | None, threads: int | None = None) -> dict:
-    """Engines by bench name: a backend of Engine.load, or "torch-bf16" (torch with bfloat16 weights)."""
+    """Engines by bench name: a backend of Engine.load (torch with its default weights), or torch
+    with the weights of TORCH_DTYPES ("torch-fp32", "torch-fp16", "torch-bf16")."""
     from difill.inference.engine import Engine, EngineSettings
 
     engines = {}
     for name in names:
-        backend, dtype = ("torch", "bfloat16") if name == "torch-bf16" else (name, None)
+        backend, dtype = ("torch", TORCH_DTYPES[name]) if name in TORCH_DTYPES else (name, None)
         engines[name] = Engine.load(model, backend=backend, settings=EngineSettings(threads=threads, dtype=dtype))
     return engines
 
@@ -181,8 +194,21 @@ def section_warm(engines: dict, cases: list[Case], max_keys: int) -> dict:
                     reuse[name][0] += result.cached_tokens
                     reuse[name][1] += len(engine._encode_context(request.prefix, request.suffix).before)
             engine.forget(key)
-    return {n: {"p50_ms_line": pct(lat[n], 0.5), "p95_ms_line": pct(lat[n], 0.95), "warm_requests": len(lat[n]),
-                "cached_fraction": round(reuse[n][0] / max(1, reuse[n][1]), 4)} for n in engines}
+    out = {n: {"p50_ms_line": pct(lat[n], 0.5), "p95_ms_line": pct(lat[n], 0.95), "warm_requests": len(lat[n]),
+               "cached_fraction": round(reuse[n][0] / max(1, reuse[n][1]), 4)} for n in engines}
+    add_fp32_ratios(out, lat, "line")
+    return out
+
+
+def add_fp32_ratios(out: dict, lat: dict[str, list[float]], kind: str) -> None:
+    """``fp32_over_this_<kind>``: the median over requests of torch-fp32's latency over this
+    variant's on the same request (>1: faster than float32 weights), when torch-fp32 ran."""
+    base = lat.get("torch-fp32")
+    if not base:
+        return
+    for name, values in lat.items():
+        if name != "torch-fp32" and len(values) == len(base):
+            out[name][f"fp32_over_this_{kind}"] = round(statistics.median(b / v for b, v in zip(base, values)), 3)
 
 
 def section_block(engines: dict, cases: list[Case]) -> dict:
@@ -207,6 +233,7 @@ def section_block(engines: dict, cases: list[Case]) -> dict:
         out[n] = {"p50_ms_block": pct(lat[n], 0.5), "p95_ms_block": pct(lat[n], 0.95),
                   "tokens_per_s_block": round(sum(tokens[n]) / max(total_s, 1e-9), 1), "block_requests": len(lat[n]),
                   "mean_tokens": round(statistics.mean(tokens[n]), 1) if tokens[n] else 0}
+    add_fp32_ratios(out, lat, "block")
     return out
 
 
@@ -430,13 +457,16 @@ SIZE_SHAPES = {"5.3M (256x4)": (256, 4, 4, 704), "13.8M (384x6)": (384, 6, 6, 10
 
 def section_sizes(rows: int = 24, context: int = 300, repeats: int = 20) -> dict:
     """CPU cost of one canvas step against model shape (random weights, fused as Engine.load
-    fuses them): what sizes the next model for the editor's latency budget."""
+    fuses them, with its default CPU weights): what sizes the next model for the editor's latency budget."""
+    from difill.inference.engine import default_dtype
     from difill.inference.model import ModelConfig, Transformer
 
     out = {}
     for name, (hidden, layers, heads, mlp) in SIZE_SHAPES.items():
         config = ModelConfig(hidden_size=hidden, n_layers=layers, n_heads=heads, n_kv_heads=heads, intermediate_size=mlp)
         model = Transformer(config).eval().fuse_projections(head=True)
+        if default_dtype("cpu") == "float16":
+            model.pack_half_weights()
         with torch.no_grad():
             cache = model.new_cache()
             model.hidden_states(torch.randint(10, 8000, (1, context)), torch.arange(context), cache=cache, causal=True, store=True)
@@ -447,7 +477,7 @@ def section_sizes(rows: int = 24, context: int = 300, repeats: int = 20) -> dict
                 model.logits(model.hidden_states(ids, positions, cache=cache))
                 if i >= 3:
                     times.append((time.perf_counter() - start) * 1000)
-        out[name] = {"parameters": config.n_params(), "threads": torch.get_num_threads(),
+        out[name] = {"parameters": config.n_params(), "threads": torch.get_num_threads(), "weights": default_dtype("cpu"),
                      "step_ms": round(statistics.median(times), 2)}
     return out
 
@@ -584,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON object to this file")
     parser.add_argument("--quick", action="store_true", help="fewer cases (a smoke run)")
     parser.add_argument("--model", help="model directory (default: the bundled model)")
-    parser.add_argument("--backends", default="torch,torch-bf16,onnx,onnx-int8")
+    parser.add_argument("--backends", help="comma-separated (default: torch,torch-fp32,[torch-bf16,]onnx,onnx-int8)")
     parser.add_argument("--sections", default="warm,block,cold,naive,window,canvas,agreement,batch,threads,refresh")
     parser.add_argument("--bidirectional-model", help="a real bidirectional checkpoint for the refresh section")
     parser.add_argument("--gpu-7b", action="store_true", help="Dream-Coder-7B shapes in bf16 on CUDA")
@@ -599,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sections = set(args.sections.split(","))
-    backends = [b for b in args.backends.split(",") if b]
+    backends = [b for b in (args.backends or default_backends()).split(",") if b]
     engines = load_engines(backends, args.model)
     first = next(iter(engines.values()))
     n_line, n_block, n_naive, n_keys, n_quality = (6, 3, 12, 12, 6) if args.quick else (30, 6, 50, 24, 40)
@@ -651,6 +681,11 @@ def main(argv: list[str] | None = None) -> int:
     headline["onnx_int8_over_torch"] = round(torch_p50 / int8_p50, 2) if torch_p50 and int8_p50 else None
     bf16_p50 = report["backends"].get("torch-bf16", {}).get("p50_ms_line")
     headline["bf16_over_torch"] = round(torch_p50 / bf16_p50, 2) if torch_p50 and bf16_p50 else None
+    # The default weights against float32 (>1: the default is faster), per case in one run.
+    for kind in ("line", "block"):
+        ratio = report["backends"].get("torch", {}).get(f"fp32_over_this_{kind}")
+        if ratio is not None:
+            headline[f"torch_over_fp32_{kind}"] = ratio
     for name, key in (("torch", "batch8_speedup"), ("torch-bf16", "batch8_speedup_bf16")):
         if name in report.get("batch", {}):
             headline[key] = report["batch"][name]["speedup"]

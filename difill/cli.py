@@ -39,9 +39,9 @@ def global_options() -> argparse.ArgumentParser:
     parent.add_argument("--model", default=argparse.SUPPRESS, help="model directory (default: the bundled model)")
     parent.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"], default=argparse.SUPPRESS)
     parent.add_argument("--device", choices=["cpu", "cuda"], default=argparse.SUPPRESS)
-    parent.add_argument("--dtype", choices=["float32", "bfloat16"], default=argparse.SUPPRESS,
-                        help="torch weights (default: bfloat16 on CUDA, float32 on the CPU; bfloat16 batches faster "
-                             "on CPUs with AMX)")
+    parent.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=argparse.SUPPRESS,
+                        help="torch weights (default: bfloat16 on CUDA, float16 weights with float32 arithmetic on "
+                             "the CPU; bfloat16 batches faster on CPUs with AMX)")
     parent.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING (default) or ERROR")
     return parent
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import difill
+from difill.inference.engine import default_dtype
 
 SAMPLE = '''def area(width, height):
     """Area of a rectangle."""
@@ -121,8 +122,9 @@ def test_info_lists_model_backend_device_and_languages() -> None:
     assert info["backend"] == "torch" and info["device"] == "cpu"
     assert info["parameters"] > 1_000_000
     assert {"python", "javascript", "typescript", "go", "rust", "java", "c", "cpp"} <= set(info["languages"])
-    assert info["dtype"] == "float32"  # the CPU default; --dtype picks another
+    assert info["dtype"] == default_dtype("cpu")  # float16 weights where FBGEMM serves them; --dtype picks another
     assert json.loads(difill_cli("info", "--json", "--dtype", "bfloat16").stdout)["dtype"] == "bfloat16"
+    assert json.loads(difill_cli("info", "--json", "--dtype", "float32").stdout)["dtype"] == "float32"
     clash = difill_cli("info", "--backend", "onnx", "--dtype", "bfloat16")
     assert clash.returncode == 2 and "torch backend" in clash.stderr and "Traceback" not in clash.stderr
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from difill.inference.engine import Engine, EngineSettings, InfillRequest, InfillResult
-from difill.inference.model import ModelConfig, Transformer, init_weights
+from difill.inference.model import HalfWeightLinear, ModelConfig, Transformer, init_weights
 from difill.inference.sampler import Cancelled, StepView
 
 SOURCE = (Path(__file__).resolve().parents[1] / "inference" / "engine.py").read_text()
@@ -111,16 +111,36 @@ def test_mode_and_request_validation():
 
 def test_bfloat16_weights_on_request(engine):
     fast = Engine.load(settings=EngineSettings(dtype="bfloat16"))
-    assert fast.describe()["dtype"] == "bfloat16" and engine.describe()["dtype"] == "float32"  # the CPU default
+    assert fast.describe()["dtype"] == "bfloat16"
     assert next(fast.model.parameters()).dtype == torch.bfloat16
     requests = [line_request(offset, max_tokens=8) for offset in LINE_AT]
     alone = [fast.infill(r) for r in requests]
     together = fast.infill_batch(requests)
     assert all(isinstance(r.completion, str) and r.steps >= 1 for r in alone + together)
     with pytest.raises(ValueError, match="unknown dtype"):
-        Engine.load(settings=EngineSettings(dtype="float16"))
+        Engine.load(settings=EngineSettings(dtype="float64"))
     with pytest.raises(ValueError, match="torch backend"):
         Engine.load(backend="onnx", settings=EngineSettings(dtype="bfloat16"))
+
+
+@pytest.mark.skipif(not HalfWeightLinear.available(), reason="this torch build has no FBGEMM half-precision GEMM")
+def test_cpu_default_is_half_weights_with_the_float32_completions(engine):
+    """float16 weights (FBGEMM, float32 arithmetic) are the CPU default: every projection and the
+    head are packed, and the completions are those of float32 weights, for lines, a block that
+    grows over two canvases, and a typing session through the context cache."""
+    full = Engine.load(settings=EngineSettings(dtype="float32"))
+    assert engine.describe()["dtype"] == "float16" and full.describe()["dtype"] == "float32"
+    assert isinstance(engine.model.layers[0].mlp.gate_up_proj, HalfWeightLinear)
+    assert isinstance(engine.model.lm_head, HalfWeightLinear)
+    requests = [line_request(offset) for offset in LINE_AT]
+    requests.append(line_request(LINE_AT[2], mode="block", max_tokens=48))
+    for request in requests:
+        assert engine.infill(request).completion == full.infill(request).completion
+    prefix, suffix = cut(LINE_AT[1])
+    for typed in range(1, 4):
+        request = InfillRequest(prefix=prefix + "x" * typed, suffix=suffix, mode="line", constrain_syntax=False, document_key="typing")
+        assert engine.infill(request).completion == full.infill(request).completion
+    engine.forget("typing")
 
 
 def test_decode_window_comes_from_the_model_config_unless_set(engine):

@@ -178,10 +178,11 @@ def test_engine_call_site_uses_the_kernels(monkeypatch):
     original = hooks.make_confidence_fn
     monkeypatch.setattr(hooks, "make_confidence_fn", lambda *a, **k: made.append(a) or original(*a, **k))
     request = InfillRequest(PREFIX, SUFFIX, language="python", mode="line", max_tokens=8, steps=4, constrain_syntax=False)
-    plain = Engine.load(device=DEVICE, settings=EngineSettings(use_kernels=False))
+    # The kernels read the head's weight: float32 on the CPU (on CUDA, bfloat16 by default).
+    plain = Engine.load(device=DEVICE, settings=EngineSettings(use_kernels=False, dtype="float32"))
     assert not plain.use_kernels
     expected = plain.infill(request)
-    fused = Engine.load(device=DEVICE)
+    fused = Engine.load(device=DEVICE, settings=EngineSettings(dtype="float32"))
     fused.use_kernels = True
     set_canvas_attention(fused.model, True)
     got = fused.infill(request)

@@ -37,7 +37,7 @@ def test_model_change_is_detected() -> None:
     assert not config.model_changed(config.Settings(), s)
     s, warnings = config.update(config.Settings(), {"dtype": "bfloat16"})
     assert s.dtype == "bfloat16" and not warnings and config.model_changed(config.Settings(), s)
-    s, warnings = config.update(s, {"dtype": "float16"})
+    s, warnings = config.update(s, {"dtype": "float64"})
     assert s.dtype == "bfloat16" and warnings  # not a choice: ignored, the previous value stays
 
 

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from difill.inference.loader import load_model
-from difill.inference.model import CanvasKV, KVCache, ModelConfig, Transformer, attention_mask, block_diffusion_mask, init_weights
+from difill.inference.model import (CanvasKV, HalfWeightLinear, KVCache, ModelConfig, Transformer, attention_mask,
+                                   block_diffusion_mask, init_weights)
 
 transformers = pytest.importorskip("transformers")
 
@@ -243,6 +244,32 @@ def test_fused_projections_give_the_unfused_models_logits(tmp_path):
             outputs.append(model(canvas, torch.arange(11, 16), cache=cache))
     torch.testing.assert_close(outputs[1], outputs[0], atol=ATOL, rtol=1e-4)
     assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())  # untied head
+
+
+@pytest.mark.skipif(not HalfWeightLinear.available(), reason="this torch build has no FBGEMM half-precision GEMM")
+def test_half_weights_compute_the_float32_product_of_rounded_weights(tmp_path):
+    """HalfWeightLinear is x @ W.T + b with W rounded to float16 and float32 arithmetic (not
+    half-precision activations); a packed model stays within the rounding of its weights of the
+    float32 one, over a cached context and a canvas, with bias (Qwen2's QKV) and GQA."""
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(48, 32) * 0.1, torch.randn(48), torch.randn(2, 5, 32)
+    layer = HalfWeightLinear(weight, bias)
+    torch.testing.assert_close(layer(x), x @ weight.half().float().t() + bias, atol=1e-5, rtol=1e-5)
+    assert layer(torch.randn(0, 32)).shape == (0, 48)
+    qwen2_reference(tmp_path, kv_heads=2)
+    fused, packed = load_model(tmp_path).fuse_projections(), load_model(tmp_path).fuse_projections().pack_half_weights()
+    assert isinstance(packed.layers[0].self_attn.qkv_proj, HalfWeightLinear) and isinstance(packed.lm_head, HalfWeightLinear)
+    ids, canvas = torch.randint(0, 96, (1, 11)), torch.randint(0, 96, (3, 5))
+    with torch.no_grad():
+        outputs = []
+        for model in (fused, packed):
+            cache = model.new_cache()
+            model.hidden_states(ids, torch.arange(11), cache=cache, causal=True, store=True)
+            outputs.append(model(canvas, torch.arange(11, 16), cache=cache))
+    error = (outputs[1] - outputs[0]).abs().max() / outputs[0].abs().max()
+    assert 0 < error < 2e-3  # rounded (not the float32 weights), but only by the weights' rounding
+    with pytest.raises(ValueError, match="fuse_projections"):
+        load_model(tmp_path).pack_half_weights()
 
 
 def test_canvas_kv_steps_are_exact_over_every_column_and_reuse_keys_of_the_others(tmp_path):

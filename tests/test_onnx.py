@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 pytest.importorskip("onnxruntime")
 
 from difill import default_model_path  # noqa: E402
-from difill.inference.engine import Engine, InfillRequest, TorchDenoiser  # noqa: E402
+from difill.inference.engine import Engine, EngineSettings, InfillRequest, TorchDenoiser  # noqa: E402
 from difill.inference.loader import ModelLoadError  # noqa: E402
 from difill.inference.model import KVCache, ModelConfig, Transformer, init_weights  # noqa: E402
 from difill.inference.onnx_backend import OnnxDenoiser, cache_root, export, quantize  # noqa: E402
@@ -55,7 +55,8 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engines(model_dir, cache_dir) -> tuple[Engine, Engine]:
-    return Engine.load(model_dir), Engine.load(model_dir, backend="onnx")
+    # ONNX Runtime runs the float32 graphs: torch with float32 weights is what they must match.
+    return Engine.load(model_dir, settings=EngineSettings(dtype="float32")), Engine.load(model_dir, backend="onnx")
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from difill.inference.engine import Engine, InfillRequest
+from difill.inference.engine import Engine, EngineSettings, InfillRequest
 from difill.inference.tokenizer import SPECIAL_TOKENS, Tokenizer
 from difill.training import corpus as corpus_module
 from difill.training.tokenizer import train_tokenizer
@@ -149,7 +149,7 @@ def test_a_bfloat16_export_loads_and_continues(tiny: dict) -> None:
     engine's float32 and a later run can start from it."""
     first = train(write_config(tiny, "bf16-first", max_steps=2, export_dtype="bfloat16"), tiny["root"] / "bf16-first")
     assert all(t.dtype == torch.bfloat16 for t in load_file(str(first / "model.safetensors")).values())
-    engine = Engine.load(first)
+    engine = Engine.load(first, settings=EngineSettings(dtype="float32"))
     assert engine.describe()["dtype"] == "float32"
     assert isinstance(engine.infill(InfillRequest(prefix="x = ", suffix="\n", mode="line", language="python")).completion, str)
     second = train(write_config(tiny, "bf16-second", init_from=str(first), max_steps=0), tiny["root"] / "bf16-second")

@@ -9,7 +9,7 @@
 
 export type Backend = 'torch' | 'onnx';
 export type Device = 'cpu' | 'cuda';
-export type Dtype = 'float32' | 'bfloat16';
+export type Dtype = 'float32' | 'bfloat16' | 'float16';
 export type Mode = 'auto' | 'line' | 'block';
 
 export interface DifillConfiguration {
@@ -23,7 +23,7 @@ export interface DifillConfiguration {
   modelPath: string | null;
   backend: Backend;
   device: Device;
-  /** Weights of the torch backend; null: bfloat16 on CUDA, float32 on the CPU. */
+  /** Weights of the torch backend; null: bfloat16 on CUDA, float16 weights (float32 arithmetic) on the CPU. */
   dtype: Dtype | null;
   /** Fixed number of denoising steps; null: stop on the confidence threshold. */
   steps: number | null;
@@ -102,7 +102,7 @@ const CHECKS: { [K in keyof DifillConfiguration]: [Check, string] } = {
   modelPath: [orNull(isString), 'a path or null'],
   backend: [oneOf('torch', 'onnx'), '"torch" or "onnx"'],
   device: [oneOf('cpu', 'cuda'), '"cpu" or "cuda"'],
-  dtype: [orNull(oneOf('float32', 'bfloat16')), 'null, "float32" or "bfloat16"'],
+  dtype: [orNull(oneOf('float32', 'bfloat16', 'float16')), 'null, "float32", "bfloat16" or "float16"'],
   steps: [orNull(isIntIn(1, 1024)), 'null or an integer from 1 to 1024'],
   maxTokens: [orNull(isIntIn(1, 1024)), 'null or an integer from 1 to 1024'],
   mode: [oneOf('auto', 'line', 'block'), '"auto", "line" or "block"'],
