@@ -80,25 +80,56 @@ class ModelConfig:
 class KVCache:
     """Keys and values of earlier positions, one (k, v) pair of [B, kv_heads, T, head_dim] per layer.
 
-    Appending concatenates (a new tensor per append): a context cache grows by a few tokens per
-    keystroke, so the copy is cheap and the cache never holds spare capacity that the memory
-    bound (``EngineSettings.cache_bytes``) would have to count.
+    Each pair is a view of the first T positions of a larger buffer. Appending writes into the
+    spare room behind them, so a keystroke that adds a few tokens copies only those (a full
+    buffer is copied once into one half as large again), and a prefill attends over the view
+    instead of concatenating the context with itself. The spare room also holds a canvas's keys
+    and values while it is denoised (:meth:`room_for`, :class:`CanvasKV`): no copy of the context
+    per request either. The memory bound counts the buffers (:meth:`nbytes`).
     """
+
+    SPARE = 64  # free positions at least after a buffer grows (a line canvas is 16, a block 32)
 
     def __init__(self, n_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
 
     @property
     def length(self) -> int:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
+    def _in_buffer(self, layer: int) -> bool:
+        """Whether layer's keys/values are still the views of its buffer (nothing replaced them)."""
+        buffer, k, v = self._buffers[layer], self.keys[layer], self.values[layer]
+        return buffer is not None and k is not None and v is not None and k.data_ptr() == buffer[0].data_ptr() \
+            and v.data_ptr() == buffer[1].data_ptr() and k.stride() == buffer[0].stride() \
+            and v.stride() == buffer[1].stride() and k.shape[:2] == buffer[0].shape[:2]
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self.keys[layer] is None:
-            self.keys[layer], self.values[layer] = k, v
-        else:
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        n = self.keys[layer].shape[2] if self.keys[layer] is not None else 0
+        total = n + k.shape[2]
+        buffer = self._buffers[layer]
+        if n == 0 or not self._in_buffer(layer) or buffer[0].shape[2] < total:
+            capacity = total + max(self.SPARE, total // 2)
+            grown = tuple(t.new_empty(t.shape[0], t.shape[1], capacity, t.shape[3]) for t in (k, v))
+            if n:
+                grown[0][:, :, :n] = self.keys[layer]
+                grown[1][:, :, :n] = self.values[layer]
+            buffer = self._buffers[layer] = grown
+        buffer[0][:, :, n:total] = k
+        buffer[1][:, :, n:total] = v
+        self.keys[layer], self.values[layer] = buffer[0][:, :, :total], buffer[1][:, :, :total]
+
+    def room_for(self, width: int) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """Per layer, views of the buffers over the cached positions and ``width`` more, or None
+        where a buffer lacks the room. What is written past :attr:`length` is not part of the
+        cache (its views end before it) and the next append overwrites it."""
+        end = self.length + width
+        if self.keys[0] is None or not all(self._in_buffer(i) and self._buffers[i][0].shape[2] >= end
+                                           for i in range(len(self.keys))):
+            return None
+        return [b[0][:, :, :end] for b in self._buffers], [b[1][:, :, :end] for b in self._buffers]
 
     def truncate(self, length: int) -> None:
         """Forget every position from ``length`` on (the user edited the text there)."""
@@ -115,10 +146,12 @@ class KVCache:
         return total
 
     def compact(self) -> None:
-        """Copy truncated views into tensors of their own so the dropped tail is freed."""
+        """Copy the views into tensors of their own so that the buffers' spare room and any
+        truncated tail are freed (the next append allocates a buffer again)."""
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             if k is not None and k.untyped_storage().nbytes() > k.numel() * k.element_size():
                 self.keys[i], self.values[i] = k.clone(), v.clone()
+            self._buffers[i] = None
 
     @classmethod
     def stack(cls, caches: "list[KVCache]") -> "tuple[KVCache, torch.Tensor]":
@@ -170,6 +203,10 @@ class CanvasKV:
         self.fresh: torch.Tensor | None = None
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        room = context.room_for(width) if context.keys[0].shape[0] == rows else None
+        if room is not None:  # the canvas goes into the context cache's spare room: nothing is copied
+            self.keys, self.values = room
+            return
         for store, source in ((self.keys, context.keys), (self.values, context.values)):
             for t in source:
                 buffer = t.new_empty(rows, t.shape[1], self.context_len + width, t.shape[3])
@@ -349,13 +386,17 @@ class Attention(nn.Module):
             if store and cache is not None:
                 cache.append(layer, k, v)
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        keys, values = k, v
-        if cached_k is not None:
-            if cached_k.shape[0] != b:  # one shared context denoising several candidates
-                cached_k, cached_v = cached_k.expand(b, -1, -1, -1), cached_v.expand(b, -1, -1, -1)
-            keys, values = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
-        if store and cache is not None:
-            cache.append(layer, k, v)
+        if store and cache is not None and (cached_k is None or cached_k.shape[0] == b):
+            cache.append(layer, k, v)  # behind the cached keys in their buffer: attend over the view, no copy
+            keys, values = cache.keys[layer], cache.values[layer]
+        else:
+            keys, values = k, v
+            if cached_k is not None:
+                if cached_k.shape[0] != b:  # one shared context denoising several candidates
+                    cached_k, cached_v = cached_k.expand(b, -1, -1, -1), cached_v.expand(b, -1, -1, -1)
+                keys, values = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
+            if store and cache is not None:
+                cache.append(layer, k, v)
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)

@@ -220,12 +220,58 @@ def test_kv_cache_bytes_count_and_compact():
     cache = model.new_cache()
     with torch.no_grad():
         model.hidden_states(torch.randint(6, 80, (1, 40)), torch.arange(40), cache=cache, causal=True, store=True)
+    per_token = 2 * 2 * 2 * 8 * 4  # layers x (k, v) x kv heads x head dim x float32
     full = cache.nbytes()
-    assert full == 2 * 2 * 40 * 2 * 8 * 4  # layers x (k, v) x tokens x kv heads x head dim x float32
+    assert full == per_token * (40 + KVCache.SPARE)  # the buffers, spare room included
     cache.truncate(10)
     assert cache.nbytes() == full  # a truncated view still holds its storage
     cache.compact()
-    assert cache.nbytes() == full // 4
+    assert cache.nbytes() == per_token * 10
+
+
+def test_kv_cache_appends_into_spare_room_and_lends_it_to_a_canvas():
+    """Appending writes behind the cached positions in the same buffer (no copy of the context)
+    until it is full, then grows it; a truncate and append overwrites the dropped tail; a
+    CanvasKV over a batch-1 context uses the spare room instead of copying, and its canvas slots
+    are not part of the cache; a context replaced by a tensor of its own is copied again."""
+    cache = KVCache(1)
+    first = torch.arange(2 * 3 * 4, dtype=torch.float32).view(1, 2, 3, 4)
+    cache.append(0, first, -first)
+    buffer = cache.keys[0].data_ptr()
+    capacity = 3 + KVCache.SPARE
+    for step in range(KVCache.SPARE):
+        cache.append(0, torch.full((1, 2, 1, 4), float(step)), torch.zeros(1, 2, 1, 4))
+    assert cache.length == capacity and cache.keys[0].data_ptr() == buffer  # never copied while it fit
+    torch.testing.assert_close(cache.keys[0][:, :, :3], first)
+    cache.append(0, torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))  # full: grown once
+    assert cache.keys[0].data_ptr() != buffer and cache.length == capacity + 1
+    torch.testing.assert_close(cache.keys[0][:, :, :3], first)
+    cache.truncate(2)
+    cache.append(0, torch.full((1, 2, 1, 4), 7.0), torch.zeros(1, 2, 1, 4))
+    assert cache.length == 3 and bool((cache.keys[0][:, :, 2] == 7).all())
+    kv = CanvasKV(cache, rows=1, width=5)
+    assert kv.keys[0].data_ptr() == cache.keys[0].data_ptr() and kv.keys[0].shape[2] == 3 + 5
+    kv.columns = torch.tensor([0, 4])
+    kv.write(0, torch.full((1, 2, 2, 4), 9.0), torch.full((1, 2, 2, 4), 9.0))
+    assert cache.length == 3 and bool((kv.keys[0][:, :, 3] == 9).all()) and bool((kv.keys[0][:, :, 7] == 9).all())
+    copied = CanvasKV(cache, rows=2, width=5)  # two candidates over one context: rows of their own
+    assert copied.keys[0].data_ptr() != cache.keys[0].data_ptr()
+    cache.keys[0] = cache.keys[0].clone()  # replaced (the bidirectional cache gathers its keys)
+    assert cache.room_for(5) is None
+    cache.append(0, torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
+    assert cache.length == 4 and bool((cache.keys[0][:, :, 2] == 7).all())
+
+
+def context_then_canvas_logits(*models: Transformer) -> list[torch.Tensor]:
+    """Each model's logits for one random canvas of 3 rows over one random cached context."""
+    ids, canvas = torch.randint(0, 96, (1, 11)), torch.randint(0, 96, (3, 5))
+    outputs = []
+    with torch.no_grad():
+        for model in models:
+            cache = model.new_cache()
+            model.hidden_states(ids, torch.arange(11), cache=cache, causal=True, store=True)
+            outputs.append(model(canvas, torch.arange(11, 16), cache=cache))
+    return outputs
 
 
 def test_fused_projections_give_the_unfused_models_logits(tmp_path):
@@ -235,13 +281,7 @@ def test_fused_projections_give_the_unfused_models_logits(tmp_path):
     qwen2_reference(tmp_path, kv_heads=2)
     plain, fused = load_model(tmp_path), load_model(tmp_path).fuse_projections()
     assert not hasattr(fused.layers[0].self_attn, "q_proj") and fused.layers[0].mlp.gate_up_proj is not None
-    ids, canvas = torch.randint(0, 96, (1, 11)), torch.randint(0, 96, (3, 5))
-    with torch.no_grad():
-        outputs = []
-        for model in (plain, fused):
-            cache = model.new_cache()
-            model.hidden_states(ids, torch.arange(11), cache=cache, causal=True, store=True)
-            outputs.append(model(canvas, torch.arange(11, 16), cache=cache))
+    outputs = context_then_canvas_logits(plain, fused)
     torch.testing.assert_close(outputs[1], outputs[0], atol=ATOL, rtol=1e-4)
     assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())  # untied head
 
@@ -259,13 +299,7 @@ def test_half_weights_compute_the_float32_product_of_rounded_weights(tmp_path):
     qwen2_reference(tmp_path, kv_heads=2)
     fused, packed = load_model(tmp_path).fuse_projections(), load_model(tmp_path).fuse_projections().pack_half_weights()
     assert isinstance(packed.layers[0].self_attn.qkv_proj, HalfWeightLinear) and isinstance(packed.lm_head, HalfWeightLinear)
-    ids, canvas = torch.randint(0, 96, (1, 11)), torch.randint(0, 96, (3, 5))
-    with torch.no_grad():
-        outputs = []
-        for model in (fused, packed):
-            cache = model.new_cache()
-            model.hidden_states(ids, torch.arange(11), cache=cache, causal=True, store=True)
-            outputs.append(model(canvas, torch.arange(11, 16), cache=cache))
+    outputs = context_then_canvas_logits(fused, packed)
     error = (outputs[1] - outputs[0]).abs().max() / outputs[0].abs().max()
     assert 0 < error < 2e-3  # rounded (not the float32 weights), but only by the weights' rounding
     with pytest.raises(ValueError, match="fuse_projections"):
