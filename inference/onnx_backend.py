@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -145,8 +146,23 @@ def _float_cpu_copy(model: Transformer) -> Transformer:
     return copy.deepcopy(model).float().cpu().eval()  # fused (Engine.load) or not, as the model is
 
 
-def quantize(source: Path, target: Path) -> Path:
-    """int8 weights for the MatMuls (dynamic quantisation: activations are quantised per call)."""
+def int8_needs_reduced_range() -> bool:
+    """Whether int8 weights must keep to 7 bits on this CPU: an x86 CPU without VNNI multiplies
+    uint8 activations by int8 weights with an instruction whose int16 sums saturate, and full-range
+    weights then decode garbage (the bundled model wrote ``_max_max_max`` on a 2-core AMD EPYC
+    with AVX2 only). VNNI CPUs (and other architectures) keep the full 8 bits."""
+    if platform.machine().lower() not in {"x86_64", "amd64", "i386", "i686"}:
+        return False
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    except OSError:
+        return True  # unknown: the safe choice
+    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
+
+
+def quantize(source: Path, target: Path, reduce_range: bool) -> Path:
+    """int8 weights for the MatMuls (dynamic quantisation: activations are quantised per call);
+    ``reduce_range``: 7-bit weights (:func:`int8_needs_reduced_range`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
@@ -154,7 +170,7 @@ def quantize(source: Path, target: Path) -> Path:
     root.addFilter(quiet)
     try:
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         per_channel=True)
+                         per_channel=True, reduce_range=reduce_range)
     finally:
         root.removeFilter(quiet)
     return target
@@ -218,15 +234,16 @@ class OnnxDenoiser:
                     os.replace(f, folder / f.name)
                 tmp.rmdir()
             if int8:
-                quantized = folder / "canvas.int8.onnx"
-                if not quantized.is_file():
-                    quantize(canvas_path, quantized.with_suffix(".tmp"))
-                    os.replace(quantized.with_suffix(".tmp"), quantized)
-                q_prefill = folder / "prefill.int8.onnx"
-                if not q_prefill.is_file():
-                    quantize(prefill_path, q_prefill.with_suffix(".tmp"))
-                    os.replace(q_prefill.with_suffix(".tmp"), q_prefill)
-                prefill_path, canvas_path = q_prefill, quantized
+                reduce_range = int8_needs_reduced_range()
+                suffix = ".int8-7bit.onnx" if reduce_range else ".int8.onnx"
+                quantized_paths = []
+                for source in (prefill_path, canvas_path):
+                    quantized = folder / (source.name.removesuffix(".onnx") + suffix)
+                    if not quantized.is_file():
+                        quantize(source, quantized.with_suffix(".tmp"), reduce_range)
+                        os.replace(quantized.with_suffix(".tmp"), quantized)
+                    quantized_paths.append(quantized)
+                prefill_path, canvas_path = quantized_paths
         except (OSError, RuntimeError) as exc:
             raise ModelLoadError(f"{folder}: cannot export the model to ONNX ({exc}); use --backend torch") from exc
         denoiser = cls(prefill_path, canvas_path, engine.model.config.n_layers, engine.device, torch.get_num_threads())
