@@ -270,18 +270,24 @@ class RowMajorLinear(nn.Module):
 
 
 class HalfWeightLinear(nn.Module):
-    """``x @ weight.T (+ bias)`` with the weight rounded to float16 and packed for FBGEMM's
-    half-precision GEMM (x86 CPUs): activations and accumulation stay float32, so the result is
-    the float32 product with float16-rounded weights. A denoising step multiplies a few rows by
-    every weight, which on CPUs without bfloat16 units is bound by reading the weights from
-    memory: half the bytes make the bundled model's 64-token block 1.4x faster on a 2-core AMD
-    EPYC, with the same completions (bench/README.md). CPU only (:meth:`Transformer.pack_half_weights`)."""
+    """``x @ weight.T (+ bias)`` with the weight rounded to float16; the arithmetic stays float32,
+    so the result is the float32 product with float16-rounded weights. A denoising step
+    multiplies a few rows by every weight, which on CPUs without bfloat16 units is bound by
+    reading the weights from memory: FBGEMM's half-precision GEMM reads half the bytes (the
+    bundled model's 64-token block 1.5x faster on a 2-core AMD EPYC, the same completions;
+    bench/README.md). Over many rows (a context prefill, a batch) the product is bound by
+    arithmetic and MKL's float32 GEMM is faster, so those go through a float32 copy of the same
+    rounded weights (``ROWS_FOR_FLOAT32``). CPU only (:meth:`Transformer.pack_half_weights`)."""
+
+    ROWS_FOR_FLOAT32 = 48  # measured: the half-precision GEMM wins below about this many rows
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
+        rounded = weight.detach().to(torch.float16).float()
         with warnings.catch_warnings():  # the op is marked deprecated in torch 2.x but still served
             warnings.simplefilter("ignore")
-            self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight.detach().float().contiguous())
+            self.packed = torch.fbgemm_pack_gemm_matrix_fp16(rounded.contiguous())
+        self.register_buffer("weight_t", rounded.t().contiguous())
         self.register_buffer("bias", (bias.detach().float() if bias is not None else torch.zeros(weight.shape[0])).clone())
 
     @staticmethod
@@ -296,6 +302,8 @@ class HalfWeightLinear(nn.Module):
             return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() >= self.ROWS_FOR_FLOAT32 * x.shape[-1]:
+            return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight_t).view(*x.shape[:-1], -1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.fbgemm_linear_fp16_weight_fp32_activation(x, self.packed, self.bias)

@@ -295,6 +295,8 @@ def test_half_weights_compute_the_float32_product_of_rounded_weights(tmp_path):
     weight, bias, x = torch.randn(48, 32) * 0.1, torch.randn(48), torch.randn(2, 5, 32)
     layer = HalfWeightLinear(weight, bias)
     torch.testing.assert_close(layer(x), x @ weight.half().float().t() + bias, atol=1e-5, rtol=1e-5)
+    many = torch.randn(3, HalfWeightLinear.ROWS_FOR_FLOAT32, 32)  # float32 GEMM over the same rounded weights
+    torch.testing.assert_close(layer(many), many @ weight.half().float().t() + bias, atol=1e-5, rtol=1e-5)
     assert layer(torch.randn(0, 32)).shape == (0, 48)
     qwen2_reference(tmp_path, kv_heads=2)
     fused, packed = load_model(tmp_path).fuse_projections(), load_model(tmp_path).fuse_projections().pack_half_weights()
