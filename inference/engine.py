@@ -140,7 +140,7 @@ class EngineSettings:
     # Weights and activations of the torch backend: "float32", "bfloat16" or "float16"; None:
     # bfloat16 on CUDA, float16 on the CPU (default_dtype). float16 on the CPU keeps float32
     # activations and rounds only the weights (HalfWeightLinear, FBGEMM): each step reads half the
-    # bytes, a 64-token block 1.4x faster on a 2-core AMD EPYC, and the FIM set's 200 Python holes
+    # bytes: a warm line 1.47x and a 64-token block 1.39x faster on a 2-core AMD EPYC; the FIM set's 200 Python holes
     # complete exactly as in float32 (bench/README.md); cached and fresh contexts still agree. bfloat16 on a CPU with AMX tiles is 1.15x faster per warm request,
     # 1.4-1.7x per cold one and 1.5x per batch (bench/README.md), but rounds differently between a cached and a fresh
     # context, so a completion is no longer bit-reproducible across the two: an opt-in for

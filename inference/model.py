@@ -274,7 +274,7 @@ class HalfWeightLinear(nn.Module):
     so the result is the float32 product with float16-rounded weights. A denoising step
     multiplies a few rows by every weight, which on CPUs without bfloat16 units is bound by
     reading the weights from memory: FBGEMM's half-precision GEMM reads half the bytes (the
-    bundled model's 64-token block 1.5x faster on a 2-core AMD EPYC, the same completions;
+    bundled model's warm line 1.47x and 64-token block 1.39x faster on a 2-core AMD EPYC, the same completions;
     bench/README.md). Over many rows (a context prefill, a batch) the product is bound by
     arithmetic and MKL's float32 GEMM is faster, so those go through a float32 copy of the same
     rounded weights (``ROWS_FOR_FLOAT32``). CPU only (:meth:`Transformer.pack_half_weights`)."""
