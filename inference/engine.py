@@ -138,13 +138,13 @@ class EngineSettings:
     stop_at_stutter: bool = True  # a block that repeats a line ends the infill (trimming would cut there)
     threads: int | None = None  # torch CPU threads; None: 1 for small models (Engine.load), else torch's default
     # Weights and activations of the torch backend: "float32", "bfloat16" or "float16"; None:
-    # bfloat16 on CUDA, float16 on the CPU (default_dtype). float16 on the CPU keeps float32
-    # activations and rounds only the weights (HalfWeightLinear, FBGEMM): each step reads half the
-    # bytes: a warm line 1.47x and a 64-token block 1.39x faster on a 2-core AMD EPYC; the FIM set's 200 Python holes
-    # complete exactly as in float32 (bench/README.md); cached and fresh contexts still agree. bfloat16 on a CPU with AMX tiles is 1.15x faster per warm request,
-    # 1.4-1.7x per cold one and 1.5x per batch (bench/README.md), but rounds differently between a cached and a fresh
-    # context, so a completion is no longer bit-reproducible across the two: an opt-in for
-    # throughput (difill serve-model --dtype bfloat16), not the default.
+    # bfloat16 on CUDA, float16 on the CPU (default_dtype). float16 on the CPU rounds only the
+    # weights and keeps float32 arithmetic (HalfWeightLinear): a step reads half the bytes, a warm
+    # line is 1.47x and a 64-token block 1.39x faster on a 2-core AMD EPYC, and the FIM set's 200
+    # Python holes complete exactly as with float32 (bench/README.md). bfloat16 on a CPU with AMX
+    # tiles is 1.15x faster per warm request, 1.4-1.7x per cold one and 1.5x per batch, but rounds
+    # activations differently between a cached and a fresh context, so a completion is no longer
+    # bit-reproducible across the two: an opt-in for throughput (serve-model --dtype bfloat16).
     dtype: str | None = None
     use_kernels: bool = True  # CUDA only: the fused kernels of difill.kernels when they are installed
     onnx_int8: bool = False  # --backend onnx on the CPU: int8 weights (bench/README.md: speed and agreement)
@@ -355,18 +355,17 @@ class Engine:
         dtype = DTYPES[settings.dtype or default_dtype(device, backend)]
         if dtype == torch.bfloat16 and device == "cpu" and not cpu_has_bfloat16_units():
             log.warning("bfloat16 on a CPU without AMX tiles is emulated and slower than float32")
-        # float16 on the CPU: float32 activations over half-precision weights packed for FBGEMM
-        # (CPU half-precision arithmetic itself is slow); without FBGEMM, plain float32.
-        half_weights = dtype == torch.float16 and device == "cpu"
-        if half_weights and not HalfWeightLinear.available():
-            log.warning("float16 weights need FBGEMM's half-precision GEMM, which this torch build lacks: using float32")
-            half_weights = False
-        net = load_model(directory, device=device, dtype=torch.float32 if dtype == torch.float16 and device == "cpu" else dtype)
+        # float16 on the CPU: half-precision weights under float32 arithmetic (HalfWeightLinear;
+        # the CPU's own half-precision arithmetic is slow), loaded as float32 and packed below.
+        cpu_half = dtype == torch.float16 and device == "cpu"
+        net = load_model(directory, device=device, dtype=torch.float32 if cpu_half else dtype)
         # The engine only runs inference: fewer, larger matrix products. The head stays as it is on
         # CUDA, where difill.kernels reads it [V, d] and cuBLAS gains nothing from a transpose.
         net.fuse_projections(head=device == "cpu")
-        if half_weights:
+        if cpu_half and HalfWeightLinear.available():
             net.pack_half_weights()
+        elif cpu_half:
+            log.warning("float16 weights need FBGEMM's half-precision GEMM, which this torch build lacks: using float32")
         if tokenizer.vocab_size > net.config.vocab_size:
             raise ModelLoadError(f"{directory / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, more than the model's "
                                  f"vocabulary of {net.config.vocab_size} (config.json): tokenizer and weights do not match")

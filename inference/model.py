@@ -271,13 +271,15 @@ class RowMajorLinear(nn.Module):
 
 class HalfWeightLinear(nn.Module):
     """``x @ weight.T (+ bias)`` with the weight rounded to float16; the arithmetic stays float32,
-    so the result is the float32 product with float16-rounded weights. A denoising step
-    multiplies a few rows by every weight, which on CPUs without bfloat16 units is bound by
-    reading the weights from memory: FBGEMM's half-precision GEMM reads half the bytes (the
-    bundled model's warm line 1.47x and 64-token block 1.39x faster on a 2-core AMD EPYC, the same completions;
-    bench/README.md). Over many rows (a context prefill, a batch) the product is bound by
-    arithmetic and MKL's float32 GEMM is faster, so those go through a float32 copy of the same
-    rounded weights (``ROWS_FOR_FLOAT32``). CPU only (:meth:`Transformer.pack_half_weights`)."""
+    so the result is the float32 product with float16-rounded weights.
+
+    A denoising step multiplies a few rows by every weight, which on CPUs without bfloat16 units
+    is bound by reading the weights from memory: FBGEMM's half-precision GEMM reads half the
+    bytes (the bundled model: a warm line 1.47x and a 64-token block 1.39x faster on a 2-core AMD
+    EPYC, the same completions; bench/README.md). Over many rows (a context prefill, a batch) the
+    product is bound by arithmetic, where MKL's float32 GEMM is faster: those rows go through a
+    float32 copy of the same rounded weights (``ROWS_FOR_FLOAT32``). Holding both costs 1.5x the
+    float32 weights' memory. CPU only (:meth:`Transformer.pack_half_weights`)."""
 
     ROWS_FOR_FLOAT32 = 48  # measured: the half-precision GEMM wins below about this many rows
 
@@ -483,7 +485,7 @@ class Transformer(nn.Module):
         """CPU inference only, after :meth:`fuse_projections`: every projection and the head as
         :class:`HalfWeightLinear` (float16 weights, float32 activations). The embedding stays
         float32. Check :meth:`HalfWeightLinear.available` first."""
-        def packed(linear: RowMajorLinear) -> HalfWeightLinear:
+        def packed(linear: nn.Module) -> HalfWeightLinear:  # RowMajorLinear, or the CUDA form's nn.Linear head
             return HalfWeightLinear(linear.weight, linear.bias)
 
         for block in self.layers:
@@ -492,8 +494,7 @@ class Transformer(nn.Module):
                 raise ValueError("pack_half_weights needs the fused inference form (fuse_projections first)")
             attn.qkv_proj, attn.o_proj = packed(attn.qkv_proj), packed(attn.o_proj)
             mlp.gate_up_proj, mlp.down_proj = packed(mlp.gate_up_proj), packed(mlp.down_proj)
-        self.lm_head = packed(self.lm_head) if isinstance(self.lm_head, RowMajorLinear) else \
-            HalfWeightLinear(self.lm_head.weight, None)
+        self.lm_head = packed(self.lm_head)
         return self
 
     def hidden_states(
