@@ -21,6 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
+from difill.cli import DTYPE_CHOICES
 from difill.evaluation import report as reports
 from difill.evaluation.cases import CaseFormatError, load_cases, write_cases
 from difill.evaluation.mining import KINDS, mine
@@ -42,7 +43,7 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="model directory (default: the bundled model)")
     group.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"])
     group.add_argument("--device", choices=["cpu", "cuda"])
-    group.add_argument("--dtype", choices=["float32", "bfloat16"])
+    group.add_argument("--dtype", choices=DTYPE_CHOICES)
     group.add_argument("--log-level", help=argparse.SUPPRESS)
 
 

@@ -140,8 +140,8 @@ class EngineSettings:
     # Weights and activations of the torch backend: "float32", "bfloat16" or "float16"; None:
     # bfloat16 on CUDA, float16 on the CPU (default_dtype). float16 on the CPU rounds only the
     # weights and keeps float32 arithmetic (HalfWeightLinear): a step reads half the bytes, a warm
-    # line is 1.47x and a 64-token block 1.39x faster on a 2-core AMD EPYC, and the FIM set's 200
-    # Python holes complete exactly as with float32 (bench/README.md). bfloat16 on a CPU with AMX
+    # line is 1.47x and a 64-token block 1.39x faster on a 2-core AMD EPYC, and the FIM set's 600
+    # cases complete exactly as with float32 (bench/README.md). bfloat16 on a CPU with AMX
     # tiles is 1.15x faster per warm request, 1.4-1.7x per cold one and 1.5x per batch, but rounds
     # activations differently between a cached and a fresh context, so a completion is no longer
     # bit-reproducible across the two: an opt-in for throughput (serve-model --dtype bfloat16).
