@@ -286,11 +286,14 @@ class HalfWeightLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         rounded = weight.detach().to(torch.float16).float()
-        with warnings.catch_warnings():  # the op is marked deprecated in torch 2.x but still served
-            warnings.simplefilter("ignore")
-            self.packed = torch.fbgemm_pack_gemm_matrix_fp16(rounded.contiguous())
         self.register_buffer("weight_t", rounded.t().contiguous())
         self.register_buffer("bias", (bias.detach().float() if bias is not None else torch.zeros(weight.shape[0])).clone())
+        # Both ops are marked deprecated in torch 2.x but still served; torch warns once per
+        # process, so one call here takes the warning and forward() runs without a filter.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.packed = torch.fbgemm_pack_gemm_matrix_fp16(rounded.contiguous())
+            torch.fbgemm_linear_fp16_weight_fp32_activation(torch.zeros(1, rounded.shape[1]), self.packed, self.bias)
 
     @staticmethod
     def available() -> bool:
@@ -306,9 +309,7 @@ class HalfWeightLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() >= self.ROWS_FOR_FLOAT32 * x.shape[-1]:
             return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight_t).view(*x.shape[:-1], -1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.fbgemm_linear_fp16_weight_fp32_activation(x, self.packed, self.bias)
+        return torch.fbgemm_linear_fp16_weight_fp32_activation(x, self.packed, self.bias)
 
 
 def rotary_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
