@@ -285,7 +285,10 @@ def naive_infill(engine, case: Case, max_tokens: int = 24) -> tuple[str, float, 
 
     start = time.perf_counter()
     model, c = engine.model, engine.model.config
-    context = engine._encode_context(case.prefix, case.suffix).before
+    encoded = engine._encode_context(case.prefix, case.suffix)
+    context = encoded.before
+    # Token healing as the engine does it: the first token must start with the partial word.
+    first_allowed = engine._tokens_starting_with(encoded.heal) if encoded.heal else None
     is_end = engine._newline_end
     out: list[int] = []
     steps = 0
@@ -300,6 +303,8 @@ def naive_infill(engine, case: Case, max_tokens: int = 24) -> tuple[str, float, 
                 hidden = model.hidden_states(ids, torch.arange(ids.shape[1]), mask=block_diffusion_mask(n, width))
                 logits = model.logits(hidden[0, n:]).float()
                 logits[:, engine._banned] = float("-inf")
+                if first_allowed is not None and not out:
+                    logits[0, ~first_allowed] = float("-inf")
                 probs = torch.softmax(logits, dim=-1)
                 conf, tokens = probs.max(dim=-1)
                 masked = canvas == c.mask_token_id
@@ -317,7 +322,8 @@ def naive_infill(engine, case: Case, max_tokens: int = 24) -> tuple[str, float, 
             out += canvas.tolist()
             context = context[:-1] + canvas.tolist() + context[-1:]  # the block joins the context, <|middle|> stays last
     text = engine.tokenizer.decode(out)
-    text = _grammars().trim_completion(case.prefix, text, case.suffix, None, "line")
+    prefix = case.prefix[: len(case.prefix) - len(encoded.heal)]
+    text = _grammars().trim_completion(prefix, text, case.suffix, None, "line")[len(encoded.heal):]
     return text, (time.perf_counter() - start) * 1000, steps
 
 

@@ -34,6 +34,7 @@ mask hiding the padding, and each row reads its own positions.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Engine", "InfillRequest", "InfillResult", "Cancelled", "ModelLoadError", "EngineSettings", "TorchDenoiser"]
 
 MODES = ("line", "block", "auto")
+# The cursor is inside a word: token healing takes the prefix's last token back.
+_WORD_END = re.compile(r"\w\Z")
 # Tokens that end an infill in the open checkpoints' vocabularies, besides the config's eos:
 # DiffuCoder pads a finished answer with <|dlm_pad|>; chat-tuned models close with these.
 OPEN_END_TOKENS = ("<|dlm_pad|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
@@ -146,6 +149,10 @@ class EngineSettings:
     # activations differently between a cached and a fresh context, so a completion is no longer
     # bit-reproducible across the two: an opt-in for throughput (serve-model --dtype bfloat16).
     dtype: str | None = None
+    # Token healing: where the cursor is inside a word (`wrap_text(ar|`), the prefix's last token
+    # ("ar") is taken back and the canvas's first token must start with its text ("args"), so the
+    # model continues from a token boundary it has seen rather than from a word split in two.
+    heal_partial_word: bool = True
     use_kernels: bool = True  # CUDA only: the fused kernels of difill.kernels when they are installed
     onnx_int8: bool = False  # --backend onnx on the CPU: int8 weights (bench/README.md: speed and agreement)
 
@@ -201,10 +208,14 @@ class _CacheEntry:
 
 @dataclass
 class _Context:
-    """The tokens around the canvas: ``before`` precedes it, ``after`` follows it (open dLLMs)."""
+    """The tokens around the canvas: ``before`` precedes it, ``after`` follows it (open dLLMs).
+
+    ``heal``: the text of the prefix's last token when it was taken back (token healing, see
+    ``EngineSettings.heal_partial_word``): the canvas must start with it."""
 
     before: list[int]
     after: list[int] = field(default_factory=list)
+    heal: str = ""
 
 
 @dataclass
@@ -228,6 +239,13 @@ class _Job:
     cancel: Callable[[], bool] | None = None  # per request, in a batch (infill_batch)
     window: int | None = None  # the decoding window of its mode (Engine.decode_windows)
     cancelled: bool = False
+    heal: str = ""  # the prefix's partial word taken back: the outputs start with it (token healing)
+    first_allowed: torch.Tensor | None = None  # [V] the tokens the first canvas position may take (healing)
+
+    @property
+    def prefix(self) -> str:
+        """The prefix the model continues: the request's, less the text taken back for healing."""
+        return self.request.prefix[: len(self.request.prefix) - len(self.heal)]
 
     @property
     def rows(self) -> int:
@@ -315,6 +333,7 @@ class Engine:
         if tokenizer.vocab_size < vocab:  # padded embedding rows that no text maps to
             self._banned[tokenizer.vocab_size:] = True
         self._caches: OrderedDict[str, _CacheEntry] = OrderedDict()
+        self._healing: dict[str, torch.Tensor] = {}  # _tokens_starting_with's answers
         self._lock = threading.Lock()
         # difill.kernels (issue 9): Triton canvas attention and fused head + confidence, CUDA only;
         # EngineSettings.use_kernels=False or DIFILL_KERNELS=0 turns them off.
@@ -487,13 +506,16 @@ class Engine:
         mode = request.mode if request.mode != "auto" else grammars.decide_mode(request.prefix, request.suffix, language)
         max_tokens = request.max_tokens or (s.line_tokens if mode == "line" else s.block_tokens)
         constrain = (s.constrain_syntax if request.constrain_syntax is None else request.constrain_syntax) and language is not None
-        critic_class = getattr(grammars, "SyntaxCritic", None)
-        critics = [critic_class(language, request.prefix, request.suffix, mode) for _ in range(request.candidates)] \
-            if constrain and critic_class is not None else []
         context = self._encode_context(request.prefix, request.suffix)
+        # The critics judge the canvas after the prefix the model continues (less the healed text).
+        prefix = request.prefix[: len(request.prefix) - len(context.heal)]
+        critic_class = getattr(grammars, "SyntaxCritic", None)
+        critics = [critic_class(language, prefix, request.suffix, mode) for _ in range(request.candidates)] \
+            if constrain and critic_class is not None else []
         state = self._prepare(context, request.document_key)
         job = _Job(request, language, mode, max_tokens, critics, self._newline_end if mode == "line" else self._end,
-                   torch.Generator().manual_seed(request.seed), state, start)
+                   torch.Generator().manual_seed(request.seed), state, start, heal=context.heal,
+                   first_allowed=self._tokens_starting_with(context.heal) if context.heal else None)
         job.outputs = [[] for _ in range(request.candidates)]
         job.finished = [False] * request.candidates
         job.window = self.decode_windows[mode]
@@ -506,8 +528,10 @@ class Engine:
         texts = []
         for ids in job.outputs:
             text = self.tokenizer.decode(ids)
-            texts.append(grammars.trim_completion(request.prefix, text, request.suffix, job.language, job.mode))
+            texts.append(grammars.trim_completion(job.prefix, text, request.suffix, job.language, job.mode))
         syntax_valid = self._check_syntax(job, texts) if job.critics else None
+        if job.heal:  # the text after the cursor: what the canvas wrote past the healed text
+            texts = [text[len(job.heal):] if text.startswith(job.heal) else "" for text in texts]
         # Trimming and the final check are part of the wait, so they count in the latency.
         latency = (job.latency_ms or (finishing - job.start) * 1000) + (time.perf_counter() - finishing) * 1000
         parse_ms = sum(getattr(c, "parse_seconds", 0.0) for c in job.critics if c is not None) * 1000
@@ -584,7 +608,8 @@ class Engine:
                               piece=self.tokenizer.piece, critics=critics if any(critics) else (), cancel=cancel,
                               row_cancel=[j.cancel for j in active for _ in range(j.rows)] if any(j.cancel for j in active) else (),
                               on_step=on_step, generators=[j.generator for j in active for _ in range(j.rows)],
-                              fill_id=c.end_token_id if s.fill_after_end else None, confidence_fn=confidence_fn)
+                              fill_id=c.end_token_id if s.fill_after_end else None, confidence_fn=confidence_fn,
+                              first_allowed=[j.first_allowed if block == 0 else None for j in active for _ in range(j.rows)])
             sampled = [r > 0 for j in active for r in range(j.rows)]
             result = denoise.run(rows, lens, block=block, sampled=sampled)
             row = 0
@@ -614,7 +639,7 @@ class Engine:
         if not self.settings.stop_at_stutter:
             return False
         text = self.tokenizer.decode(job.outputs[0])
-        return _grammars().stop_at_stutter(job.request.prefix, text) != text
+        return _grammars().stop_at_stutter(job.prefix, text) != text
 
     # ------------------------------------------------------------------ context
     def _budget_prefix(self, prefix: str, budget: int) -> list[int]:
@@ -678,10 +703,28 @@ class Engine:
         prefix_budget = s.prefix_tokens or max(16, self.context_tokens - suffix_budget - 4)
         suffix_ids = self._budget_suffix(suffix, suffix_budget)
         prefix_ids = self._budget_prefix(prefix, prefix_budget)
+        heal = ""
+        if s.heal_partial_word and prefix_ids and _WORD_END.search(prefix):
+            last = self.tokenizer.piece(prefix_ids[-1])
+            if last and prefix.endswith(last):  # not a piece of a multi-byte character
+                heal, prefix_ids = last, prefix_ids[:-1]
         if self.block_layout:
-            return _Context([c.suffix_token_id] + suffix_ids + [c.prefix_token_id] + prefix_ids + [c.middle_token_id])
+            return _Context([c.suffix_token_id] + suffix_ids + [c.prefix_token_id] + prefix_ids + [c.middle_token_id], heal=heal)
         bos = [c.bos_token_id] if c.bos_token_id is not None else []
-        return _Context(bos + prefix_ids, suffix_ids)
+        return _Context(bos + prefix_ids, suffix_ids, heal=heal)
+
+    def _tokens_starting_with(self, text: str) -> torch.Tensor:
+        """[V] bool: the tokens whose text starts with ``text`` (the healed token among them)."""
+        allowed = self._healing.get(text)
+        if allowed is None:
+            allowed = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
+            pieces = self.tokenizer.pieces()[: len(allowed)]
+            allowed[[i for i, piece in enumerate(pieces) if piece.startswith(text)]] = True
+            allowed &= ~self._banned
+            if len(self._healing) >= 256:  # a word typed letter by letter asks for each of its prefixes
+                self._healing.pop(next(iter(self._healing)))
+            self._healing[text] = allowed
+        return allowed
 
     def _prepare(self, context: _Context, document_key: str | None) -> dict:
         """Block layout: an exact cache of the context, reusing the document's previous one."""

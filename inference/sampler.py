@@ -19,6 +19,8 @@ step commits at least one token). Options:
   the canvas, so the tail costs no further steps.
 * a critic (the tree-sitter syntax check) can veto newly committed tokens between steps: they
   are masked again and that token is forbidden at that position.
+* ``first_allowed`` restricts a row's first position to some tokens (token healing: the canvas
+  must start with the text of the prefix's partial word).
 
 A row is finished when an end token (end-of-infill, or a newline in line mode) is committed and
 every position before it is committed too, or when every position is committed.
@@ -162,6 +164,7 @@ class Denoise:
     generators: Sequence[torch.Generator | None] | None = None
     fill_id: int | None = None  # end-of-infill: committing it fills the rest of the row
     confidence_fn: ConfidenceFn | None = None  # used instead of logits_fn for greedy rows without re-masking
+    first_allowed: Sequence[torch.Tensor | None] = ()  # per row: [V] bool, the tokens position 0 may take
 
     def __post_init__(self) -> None:
         self._banned_ids = self.banned.nonzero()[:, 0]
@@ -188,6 +191,15 @@ class Denoise:
         reviews = torch.zeros(rows, width, dtype=torch.long)
         remasks = torch.zeros(rows, width, dtype=torch.long)
         self._forbidden: torch.Tensor | None = None
+        # Positions whose tokens are restricted from the start (first_allowed), besides those the
+        # critic vetoed (reviews > 0): the forbidden tokens are masked out of their logits.
+        self._restricted = torch.zeros(rows, width, dtype=torch.bool)
+        for r, allowed in enumerate(self.first_allowed):
+            if allowed is not None:
+                if self._forbidden is None:
+                    self._forbidden = torch.zeros(rows, width, self.banned.shape[0], dtype=torch.bool)
+                self._forbidden[r, 0] = ~allowed
+                self._restricted[r, 0] = True
         # For the critic: this step's best tokens at the selected positions (its second choices),
         # and per row the committed positions past a gap, to be judged once the gap is filled.
         self._ranked: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -312,7 +324,7 @@ class Denoise:
         logits = self.logits_fn(canvas, select).float()
         if len(self._banned_ids):
             logits.index_fill_(1, self._banned_ids.to(logits.device), float("-inf"))
-        if self._forbidden is not None and bool((reviews[select] > 0).any()):
+        if self._forbidden is not None and bool(((reviews[select] > 0) | self._restricted[select]).any()):
             vetoed = self._forbidden[select]  # [N, V]
             logits.masked_fill_(vetoed.to(logits.device), float("-inf"))
         # The arithmetic runs where the logits are (the GPU): only [N]-sized results reach the host.
@@ -436,7 +448,9 @@ class Denoise:
                 candidates.append(e)
                 # Out of end vetoes: the infill may grow no further, so where it may not end
                 # either, its last token goes instead (`.` + end: the `.` is tried again).
-                retreat = self._forbidden is not None and int(self._forbidden[r][:, is_end[r]].sum()) >= limit
+                # (the critic's vetoes of end tokens: not first_allowed's restriction)
+                retreat = self._forbidden is not None and \
+                    int(self._forbidden[r][~self._restricted[r]][:, is_end[r]].sum()) >= limit
         provisional = {p for p in self._provisional[r] if p < run}
         self._provisional[r] = provisional
         if not candidates:

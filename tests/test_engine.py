@@ -248,6 +248,31 @@ def test_a_request_cancelled_mid_batch_stops_and_the_others_finish(engine):
         engine.infill_batch(requests, cancels=[None])
 
 
+def test_token_healing_takes_back_a_partial_word_and_the_canvas_starts_with_it(engine):
+    prefix, suffix = cut(LINE_AT[1])
+    prefix += "self.tokenizer.pie"  # the cursor inside a word
+    context = engine._encode_context(prefix, suffix)
+    assert context.heal and prefix.endswith(context.heal) and context.heal[-1] == "e"
+    views: list[StepView] = []
+    result = engine.infill(InfillRequest(prefix=prefix, suffix=suffix, mode="line", constrain_syntax=False),
+                           on_step=views.append)
+    canvas = views[-1].canvas[0]
+    assert engine.tokenizer.piece(canvas[0]).startswith(context.heal)  # the healed word is written first
+    end = next((i for i, t in enumerate(canvas) if t in engine.end_ids), len(canvas))
+    written = engine.tokenizer.decode(canvas[:end + 1])
+    assert written.startswith(context.heal + result.completion)  # the completion is what follows the cursor
+    # Off, or with the cursor after a word, the prefix is encoded whole.
+    for other_prefix, setting in ((prefix, False), (prefix + " ", True), (prefix + "(", True)):
+        engine.settings.heal_partial_word = setting
+        try:
+            whole = engine._encode_context(other_prefix, suffix)
+        finally:
+            engine.settings.heal_partial_word = True
+        assert whole.heal == "" and engine.tokenizer.decode(whole.before).endswith(other_prefix[-10:])
+        if other_prefix == prefix:
+            assert len(whole.before) == len(context.before) + 1  # the one token taken back
+
+
 # ---------------------------------------------------------------------------- context cache
 def test_typing_session_reuses_the_context_and_equals_uncached(engine):
     prefix, suffix = cut(LINE_AT[1])

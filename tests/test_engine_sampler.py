@@ -220,6 +220,15 @@ def test_critic_veto_remasks_and_forbids_the_token_there():
     assert critic.seen[0][1] == [0, 1]
 
 
+def test_first_allowed_restricts_position_zero_only():
+    fn = Fixed(table([{A: 0.95, B: 0.04}, {A: 0.95}]))
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[[B, C]] = True
+    result = denoise(fn, first_allowed=[allowed, None]).run(2, 2)
+    assert result.tokens[0] == [B, A]  # row 0: A is not allowed first, B is its best allowed token
+    assert result.tokens[1] == [A, A]  # row 1 has no restriction
+
+
 def test_sampled_rows_follow_their_generator():
     fn = Fixed(table([{A: 0.3, B: 0.3, C: 0.3}] * 4))
 
