@@ -287,8 +287,9 @@ def naive_infill(engine, case: Case, max_tokens: int = 24) -> tuple[str, float, 
     model, c = engine.model, engine.model.config
     encoded = engine._encode_context(case.prefix, case.suffix)
     context = encoded.before
-    # Token healing as the engine does it: the first token must start with the partial word.
-    first_allowed = engine._tokens_starting_with(encoded.heal) if encoded.heal else None
+    # Token healing as the engine does it: the canvas starts with the word taken back, its
+    # positions chosen left to right among the tokens that agree with it.
+    heal = encoded.heal
     is_end = engine._newline_end
     out: list[int] = []
     steps = 0
@@ -303,12 +304,16 @@ def naive_infill(engine, case: Case, max_tokens: int = 24) -> tuple[str, float, 
                 hidden = model.hidden_states(ids, torch.arange(ids.shape[1]), mask=block_diffusion_mask(n, width))
                 logits = model.logits(hidden[0, n:]).float()
                 logits[:, engine._banned] = float("-inf")
-                if first_allowed is not None and not out:
-                    logits[0, ~first_allowed] = float("-inf")
+                masked = canvas == c.mask_token_id
+                written = engine.tokenizer.decode(out + canvas[: int(masked.int().argmax())].tolist())
+                healing = len(written) < len(heal)
+                if healing:  # the leftmost masked position only, and only tokens that agree with the word
+                    logits[int(masked.int().argmax()), ~engine._heal_allowed(heal[len(written):])[0]] = float("-inf")
                 probs = torch.softmax(logits, dim=-1)
                 conf, tokens = probs.max(dim=-1)
-                masked = canvas == c.mask_token_id
                 conf[~masked] = -1.0
+                if healing:
+                    conf[int(masked.int().argmax()) + 1:] = -1.0
                 p = int(conf.argmax())
                 canvas[p] = tokens[p]
                 steps += 1

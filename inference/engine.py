@@ -55,8 +55,11 @@ log = logging.getLogger(__name__)
 __all__ = ["Engine", "InfillRequest", "InfillResult", "Cancelled", "ModelLoadError", "EngineSettings", "TorchDenoiser"]
 
 MODES = ("line", "block", "auto")
-# The cursor is inside a word: token healing takes the prefix's last token back.
+# The cursor is inside a word: token healing takes the word's last tokens back (at most this
+# many characters of them: a long identifier's start stays in the context).
 _WORD_END = re.compile(r"\w\Z")
+_WORD = re.compile(r"\w+")
+HEAL_CHARS = 12
 # Tokens that end an infill in the open checkpoints' vocabularies, besides the config's eos:
 # DiffuCoder pads a finished answer with <|dlm_pad|>; chat-tuned models close with these.
 OPEN_END_TOKENS = ("<|dlm_pad|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
@@ -149,9 +152,10 @@ class EngineSettings:
     # activations differently between a cached and a fresh context, so a completion is no longer
     # bit-reproducible across the two: an opt-in for throughput (serve-model --dtype bfloat16).
     dtype: str | None = None
-    # Token healing: where the cursor is inside a word (`wrap_text(ar|`), the prefix's last token
-    # ("ar") is taken back and the canvas's first token must start with its text ("args"), so the
-    # model continues from a token boundary it has seen rather than from a word split in two.
+    # Token healing: where the cursor is inside a word (`wrap_text(ar|`), the prefix's tokens of
+    # that word ("ar"; at most HEAL_TOKENS) are taken back and the canvas must start with their
+    # text ("args"), so the model continues from a token boundary it has seen rather than from a
+    # word split in two, and chooses the word's tokenization itself.
     heal_partial_word: bool = True
     use_kernels: bool = True  # CUDA only: the fused kernels of difill.kernels when they are installed
     onnx_int8: bool = False  # --backend onnx on the CPU: int8 weights (bench/README.md: speed and agreement)
@@ -240,7 +244,6 @@ class _Job:
     window: int | None = None  # the decoding window of its mode (Engine.decode_windows)
     cancelled: bool = False
     heal: str = ""  # the prefix's partial word taken back: the outputs start with it (token healing)
-    first_allowed: torch.Tensor | None = None  # [V] the tokens the first canvas position may take (healing)
 
     @property
     def prefix(self) -> str:
@@ -333,7 +336,8 @@ class Engine:
         if tokenizer.vocab_size < vocab:  # padded embedding rows that no text maps to
             self._banned[tokenizer.vocab_size:] = True
         self._caches: OrderedDict[str, _CacheEntry] = OrderedDict()
-        self._healing: dict[str, torch.Tensor] = {}  # _tokens_starting_with's answers
+        self._healing: dict[str, tuple[torch.Tensor, bool]] = {}  # _heal_allowed's answers
+        self._healing_stops = {c.prefix_token_id, c.suffix_token_id, c.middle_token_id, c.bos_token_id}
         self._lock = threading.Lock()
         # difill.kernels (issue 9): Triton canvas attention and fused head + confidence, CUDA only;
         # EngineSettings.use_kernels=False or DIFILL_KERNELS=0 turns them off.
@@ -514,8 +518,7 @@ class Engine:
             if constrain and critic_class is not None else []
         state = self._prepare(context, request.document_key)
         job = _Job(request, language, mode, max_tokens, critics, self._newline_end if mode == "line" else self._end,
-                   torch.Generator().manual_seed(request.seed), state, start, heal=context.heal,
-                   first_allowed=self._tokens_starting_with(context.heal) if context.heal else None)
+                   torch.Generator().manual_seed(request.seed), state, start, heal=context.heal)
         job.outputs = [[] for _ in range(request.candidates)]
         job.finished = [False] * request.candidates
         job.window = self.decode_windows[mode]
@@ -609,7 +612,8 @@ class Engine:
                               row_cancel=[j.cancel for j in active for _ in range(j.rows)] if any(j.cancel for j in active) else (),
                               on_step=on_step, generators=[j.generator for j in active for _ in range(j.rows)],
                               fill_id=c.end_token_id if s.fill_after_end else None, confidence_fn=confidence_fn,
-                              first_allowed=[j.first_allowed if block == 0 else None for j in active for _ in range(j.rows)])
+                              heal=[j.heal if block == 0 else None for j in active for _ in range(j.rows)],
+                              heal_allowed=self._heal_allowed)
             sampled = [r > 0 for j in active for r in range(j.rows)]
             result = denoise.run(rows, lens, block=block, sampled=sampled)
             row = 0
@@ -704,27 +708,42 @@ class Engine:
         suffix_ids = self._budget_suffix(suffix, suffix_budget)
         prefix_ids = self._budget_prefix(prefix, prefix_budget)
         heal = ""
-        if s.heal_partial_word and prefix_ids and _WORD_END.search(prefix):
-            last = self.tokenizer.piece(prefix_ids[-1])
-            if last and prefix.endswith(last):  # not a piece of a multi-byte character
-                heal, prefix_ids = last, prefix_ids[:-1]
+        if s.heal_partial_word and _WORD_END.search(prefix):
+            # The word's tokens from the end: the last one whatever it holds (` ar`), the ones
+            # before it while they are word characters only (`_run` `_` `val` `i`).
+            while prefix_ids and len(heal) < HEAL_CHARS and prefix_ids[-1] not in self._healing_stops:
+                piece = self.tokenizer.piece(prefix_ids[-1])
+                if not piece or not prefix.endswith(piece + heal) or (heal and not _WORD.fullmatch(piece)):
+                    break  # a piece of a multi-byte character, or the word's start
+                heal, prefix_ids = piece + heal, prefix_ids[:-1]
+                if len(heal) >= HEAL_CHARS or not _WORD.fullmatch(piece):
+                    break
         if self.block_layout:
             return _Context([c.suffix_token_id] + suffix_ids + [c.prefix_token_id] + prefix_ids + [c.middle_token_id], heal=heal)
         bos = [c.bos_token_id] if c.bos_token_id is not None else []
         return _Context(bos + prefix_ids, suffix_ids, heal=heal)
 
-    def _tokens_starting_with(self, text: str) -> torch.Tensor:
-        """[V] bool: the tokens whose text starts with ``text`` (the healed token among them)."""
-        allowed = self._healing.get(text)
-        if allowed is None:
+    def _heal_allowed(self, text: str) -> tuple[torch.Tensor, bool]:
+        """The tokens that may come next in a canvas that must start with ``text`` ([V] bool):
+        those whose text starts with it (`args` for `ar`), and the first token of its own encoding
+        when that is shorter (`_` for `_vali`): the word may be split where the tokenizer splits
+        it, not anywhere (` ` + `t` for ` t` is no split the model has seen). And whether each of
+        them covers the whole text (no split: the rest of the canvas need not wait for it)."""
+        entry = self._healing.get(text)
+        if entry is None:
             allowed = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
             pieces = self.tokenizer.pieces()[: len(allowed)]
             allowed[[i for i, piece in enumerate(pieces) if piece.startswith(text)]] = True
+            first = self.tokenizer.encode(text)[:1]
+            split = bool(first) and first[0] < len(allowed) and 0 < len(pieces[first[0]]) < len(text) \
+                and text.startswith(pieces[first[0]]) and not bool(self._banned[first[0]])
+            if split:
+                allowed[first[0]] = True
             allowed &= ~self._banned
             if len(self._healing) >= 256:  # a word typed letter by letter asks for each of its prefixes
                 self._healing.pop(next(iter(self._healing)))
-            self._healing[text] = allowed
-        return allowed
+            entry = self._healing[text] = (allowed, not split)
+        return entry
 
     def _prepare(self, context: _Context, document_key: str | None) -> dict:
         """Block layout: an exact cache of the context, reusing the document's previous one."""

@@ -19,8 +19,11 @@ step commits at least one token). Options:
   the canvas, so the tail costs no further steps.
 * a critic (the tree-sitter syntax check) can veto newly committed tokens between steps: they
   are masked again and that token is forbidden at that position.
-* ``first_allowed`` restricts a row's first position to some tokens (token healing: the canvas
-  must start with the text of the prefix's partial word).
+* token healing (``heal``, per row): the canvas must start with a given text (the partial word
+  the engine took back from the prefix). Until its committed run from the start covers that
+  text, the row's leftmost masked position may take only the tokens that agree with the rest
+  of the text (``heal_allowed``), so the model picks the word's tokenization; where one of them
+  covers only part of it, that position is the only one the row commits in the step.
 
 A row is finished when an end token (end-of-infill, or a newline in line mode) is committed and
 every position before it is committed too, or when every position is committed.
@@ -164,7 +167,10 @@ class Denoise:
     generators: Sequence[torch.Generator | None] | None = None
     fill_id: int | None = None  # end-of-infill: committing it fills the rest of the row
     confidence_fn: ConfidenceFn | None = None  # used instead of logits_fn for greedy rows without re-masking
-    first_allowed: Sequence[torch.Tensor | None] = ()  # per row: [V] bool, the tokens position 0 may take
+    heal: Sequence[str | None] = ()  # per row: the text the canvas must start with (token healing)
+    # text -> ([V] bool, whole): the tokens that agree with a canvas that must start with that
+    # text, and whether each covers all of it. The engine's answers (cached there).
+    heal_allowed: Callable[[str], tuple[torch.Tensor, bool]] | None = None
 
     def __post_init__(self) -> None:
         self._banned_ids = self.banned.nonzero()[:, 0]
@@ -190,16 +196,12 @@ class Denoise:
         columns = torch.arange(width)
         reviews = torch.zeros(rows, width, dtype=torch.long)
         remasks = torch.zeros(rows, width, dtype=torch.long)
-        self._forbidden: torch.Tensor | None = None
-        # Positions whose tokens are restricted from the start (first_allowed), besides those the
-        # critic vetoed (reviews > 0): the forbidden tokens are masked out of their logits.
-        self._restricted = torch.zeros(rows, width, dtype=torch.bool)
-        for r, allowed in enumerate(self.first_allowed):
-            if allowed is not None:
-                if self._forbidden is None:
-                    self._forbidden = torch.zeros(rows, width, self.banned.shape[0], dtype=torch.bool)
-                self._forbidden[r, 0] = ~allowed
-                self._restricted[r, 0] = True
+        self._forbidden: torch.Tensor | None = None  # the critic's vetoes
+        # Token healing: per row, the position being healed and the tokens it may not take.
+        self._healing: dict[int, tuple[int, torch.Tensor, bool]] = {}
+        heal = [h or None for h in self.heal] + [None] * (rows - len(self.heal))
+        if any(heal) and (self.heal_allowed is None or self.piece is None):
+            raise ValueError("token healing needs heal_allowed and piece")
         # For the critic: this step's best tokens at the selected positions (its second choices),
         # and per row the committed positions past a gap, to be judged once the gap is filled.
         self._ranked: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -207,7 +209,8 @@ class Denoise:
         # and the last token of an unfinished run, which only the next one shows right or wrong
         # (`.` of `.5`): the critic's errors on it then count as rejections (last_blamed_old).
         self._provisional: list[set[int]] = [set() for _ in range(rows)]
-        use_confidence = self.confidence_fn is not None and not any(sampled) and s.remask_below is None
+        # (the kernels' confidence_fn takes short veto lists, not healing's vocabulary-wide restriction)
+        use_confidence = self.confidence_fn is not None and not any(sampled) and s.remask_below is None and not any(heal)
         if not use_confidence and self.logits_fn is None:
             raise ValueError("Denoise needs a logits_fn for sampled rows or re-masking")
         done = [False] * rows
@@ -237,6 +240,10 @@ class Denoise:
                 share = [math.ceil(n / max(1, s.steps - step)) if s.steps is not None else 0 for n in still_masked]
                 limit = torch.tensor([max(s.window, k) for k in share])
                 to_commit &= to_commit.cumsum(dim=1) <= limit[:, None]
+            self._healing = self._heal_positions(canvas, heal, masked)
+            for r, (p, _, whole) in self._healing.items():
+                if not whole:  # the word may be split: its tokens go in left to right, one per step
+                    to_commit[r] &= columns == p
             select = to_commit | (valid & ~masked & before_end & live) if s.remask_below is not None else to_commit
             if use_confidence:
                 token_all, prob_all, score_all = self.confidence_fn(canvas, self._vetoes(rows, width), reviews)
@@ -324,9 +331,15 @@ class Denoise:
         logits = self.logits_fn(canvas, select).float()
         if len(self._banned_ids):
             logits.index_fill_(1, self._banned_ids.to(logits.device), float("-inf"))
-        if self._forbidden is not None and bool(((reviews[select] > 0) | self._restricted[select]).any()):
+        if self._forbidden is not None and bool((reviews[select] > 0).any()):
             vetoed = self._forbidden[select]  # [N, V]
             logits.masked_fill_(vetoed.to(logits.device), float("-inf"))
+        if self._healing:
+            rows_of = select.nonzero()
+            for r, (p, forbidden, _) in self._healing.items():
+                at = ((rows_of[:, 0] == r) & (rows_of[:, 1] == p)).nonzero()[:, 0]
+                if len(at):
+                    logits[at.to(logits.device)] = logits[at.to(logits.device)].masked_fill(forbidden.to(logits.device), float("-inf"))
         # The arithmetic runs where the logits are (the GPU): only [N]-sized results reach the host.
         probs = torch.softmax(logits, dim=-1)
         if self.critics:  # where the critic rejects a token, the next best ones stand in (see _review)
@@ -383,6 +396,25 @@ class Denoise:
         first = torch.where(is_fill.any(dim=1), is_fill.float().argmax(dim=1), torch.full((canvas.shape[0],), canvas.shape[1]))
         tail = (columns[None, :] > first[:, None]) & (canvas == self.mask_id) & valid
         canvas[tail] = self.fill_id
+
+    def _heal_positions(self, canvas: torch.Tensor, heal: Sequence[str | None], masked: torch.Tensor
+                        ) -> dict[int, tuple[int, torch.Tensor, bool]]:
+        """Per row still healing: its leftmost masked position, the tokens forbidden there and
+        whether each allowed one covers the rest of the heal text.
+
+        A row heals while the text of its committed run from position 0 does not yet cover its
+        heal text; the run is always a start of that text (each of its tokens was restricted)."""
+        out = {}
+        for r, text in enumerate(heal):
+            if not text:
+                continue
+            run = masked[r].nonzero()
+            p = int(run[0]) if len(run) else canvas.shape[1]
+            written = "".join(self.piece(t) for t in canvas[r, :p].tolist())
+            if len(written) < len(text) and p < canvas.shape[1]:
+                allowed, whole = self.heal_allowed(text[len(written):])
+                out[r] = (p, ~allowed, whole)
+        return out
 
     def _vetoes(self, rows: int, width: int) -> torch.Tensor:
         if self._forbidden is None:
@@ -448,9 +480,7 @@ class Denoise:
                 candidates.append(e)
                 # Out of end vetoes: the infill may grow no further, so where it may not end
                 # either, its last token goes instead (`.` + end: the `.` is tried again).
-                # (the critic's vetoes of end tokens: not first_allowed's restriction)
-                retreat = self._forbidden is not None and \
-                    int(self._forbidden[r][~self._restricted[r]][:, is_end[r]].sum()) >= limit
+                retreat = self._forbidden is not None and int(self._forbidden[r][:, is_end[r]].sum()) >= limit
         provisional = {p for p in self._provisional[r] if p < run}
         self._provisional[r] = provisional
         if not candidates:

@@ -220,13 +220,27 @@ def test_critic_veto_remasks_and_forbids_the_token_there():
     assert critic.seen[0][1] == [0, 1]
 
 
-def test_first_allowed_restricts_position_zero_only():
-    fn = Fixed(table([{A: 0.95, B: 0.04}, {A: 0.95}]))
-    allowed = torch.zeros(V, dtype=torch.bool)
-    allowed[[B, C]] = True
-    result = denoise(fn, first_allowed=[allowed, None]).run(2, 2)
-    assert result.tokens[0] == [B, A]  # row 0: A is not allowed first, B is its best allowed token
-    assert result.tokens[1] == [A, A]  # row 1 has no restriction
+def test_healing_writes_the_word_first_left_to_right_in_tokens_that_agree_with_it():
+    pieces = {A: "a", B: "b", C: "ab", D: "abc", END: ""}
+
+    def agreeing(text: str) -> tuple[torch.Tensor, bool]:
+        allowed = [bool(p) and (p.startswith(text) or text.startswith(p)) for p in (pieces.get(t, "?") for t in range(V))]
+        return torch.tensor(allowed), all(pieces.get(t, "?").startswith(text) for t in range(V) if allowed[t])
+
+    fn = Fixed(table([{B: 0.9, A: 0.06, C: 0.03}, {D: 0.9, B: 0.05}, {C: 0.95}]))
+    views: list[StepView] = []
+    result = denoise(fn, heal=["ab", None], heal_allowed=agreeing, piece=lambda t: pieces.get(t, "?"),
+                     on_step=views.append).run(2, 3)
+    # Row 0 must start with "ab": "b" is no start of it, so "a" (its best agreeing token), then
+    # "b" (the only token that agrees with the rest), then the free choice.
+    assert result.tokens[0] == [A, B, C]
+    assert result.tokens[1] == [B, D, C]  # row 1 heals nothing: its sure positions go in at once
+    assert views[0].canvas[0] == [A, MASK, MASK]  # one position per step while the word may be split
+    # Healing "a", which every agreeing token covers: the other sure positions need not wait.
+    views.clear()
+    result = denoise(fn, heal=["a"], heal_allowed=agreeing, piece=lambda t: pieces.get(t, "?"),
+                     on_step=views.append).run(1, 3)
+    assert views[0].canvas[0] == [MASK, D, C] and result.tokens[0] == [A, D, C]
 
 
 def test_sampled_rows_follow_their_generator():
