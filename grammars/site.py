@@ -666,10 +666,11 @@ class CursorSite:
                     if not (self.line_start <= e.start <= self.cursor <= e.end or self.cursor <= e.start <= self.next_line_end
                             or self.prefix_clean and (e.start <= self.cursor <= e.end or self.line_start <= e.start <= self.cursor))]
             fresh = new_errors(base, found, self.cursor, length)
-            # Past the line after the infill, inside a region the document without it already
-            # could not parse (a file cut off inside a string): tree-sitter recovered from the
-            # user's text differently, which is no error of the infill's.
-            broken = [(e.start + length, e.end + length) for e in self.base_errors if e.start > self.next_line_end]
+            # Past the line after the infill, inside a region at the end of the window that the
+            # document without it could not parse either (a file cut off inside a string):
+            # tree-sitter recovered from the user's text differently, no error of the infill's.
+            broken = [(e.start + length, e.end + length) for e in self.base_errors
+                      if e.start > self.next_line_end and e.end >= len(self.base_text) - 1]
             fresh = [e for e in fresh if not (e.start > self.next_line_end + length
                                               and any(start <= e.start and e.end <= stop for start, stop in broken))]
         else:

@@ -6,8 +6,10 @@ so a language is only supported when all of them pass for it.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import tree_sitter
@@ -21,6 +23,8 @@ from difill.grammars import (
     syntax_errors,
     trim_completion,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -576,6 +580,19 @@ def test_a_suffix_cut_short_does_not_make_the_hole_close_what_it_leaves_open():
     prefix = "class Parser {\n  public:\n    bool check(int value)\n    {\n        "
     suffix = "\n    }\n\n    bool other(int value)\n    {\n        return value > 0;\n"
     assert SyntaxCritic(cpp, prefix, suffix, "block").is_valid("return value == 0;")
+
+
+def test_a_suffix_cut_inside_a_string_does_not_reject_the_right_completion():
+    """A FIM case whose suffix window ends inside an opened docstring: tree-sitter recovers from
+    that cut differently once the hole is filled, and the new error node it makes there, far
+    after the infill, is not the infill's. The case's own reference was rejected before."""
+    rows = [json.loads(line) for line in (ROOT / "evaluation" / "fimset" / "python.jsonl").read_text().splitlines()]
+    case = next(row for row in rows if row["id"] == "attrs-26.1.0/attr/filters.py:10:line-tail")
+    assert case["suffix"].rstrip().endswith('"""')  # cut inside a docstring
+    python = language_for("python")
+    assert SyntaxCritic(python, case["prefix"], case["suffix"], "line").is_valid(case["reference"])
+    for broken in ("what):  (", "what, [):"):  # errors of the infill's own still count
+        assert not SyntaxCritic(python, case["prefix"], case["suffix"], "line").is_valid(broken)
 
 
 def test_an_infill_may_end_where_trimming_leaves_valid_text():
