@@ -96,6 +96,8 @@ class StepView:
     step: int
     canvas: list[list[int]]
     committed: int
+    # per row: the text its canvas starts with that is before the cursor (token healing), or ""
+    heal: list[str] = field(default_factory=list)
 
 
 class Critic(Protocol):
@@ -306,7 +308,7 @@ class Denoise:
                     row_steps[r] = step
             if self.on_step is not None:
                 self.on_step(StepView(block, step, [canvas[r, : lens[r]].tolist() for r in range(rows)],
-                                      int(((canvas != self.mask_id) & valid).sum())))
+                                      int(((canvas != self.mask_id) & valid).sum()), [h or "" for h in heal]))
             if step >= 4 * width:  # the critic keeps vetoing: stop, trimming decides
                 break
         tokens_out, ended = [], []

@@ -174,27 +174,3 @@ def word_before(line_before: str) -> str:
     """The identifier the cursor is in (the part before the cursor)."""
     match = _WORD_BEFORE.search(line_before)
     return match.group(0) if match else ""
-
-
-def render_canvas(tokenizer, rows: list[list[int]], mask_id: int, end_id: int, placeholder: str = "░") -> list[str]:
-    """Text of each canvas row for progress notifications: committed runs decoded together (so
-    multi-token characters decode), one ``placeholder`` per still-masked position, cut at the
-    end-of-infill token."""
-    texts = []
-    for row in rows:
-        if end_id in row:
-            row = row[: row.index(end_id)]
-        parts: list[str] = []
-        run: list[int] = []
-        for token in row:
-            if token == mask_id:
-                if run:
-                    parts.append(tokenizer.decode(run))
-                    run = []
-                parts.append(placeholder)
-            else:
-                run.append(token)
-        if run:
-            parts.append(tokenizer.decode(run))
-        texts.append("".join(parts))
-    return texts

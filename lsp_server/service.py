@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlparse
 
 from difill import __version__
 from difill.lsp_server import config
-from difill.lsp_server.completion import TypingCache, Window, context_window, looks_binary, render_canvas
+from difill.lsp_server.completion import TypingCache, Window, context_window, looks_binary
 from difill.lsp_server.debounce import Debouncer
 from difill.lsp_server.documents import UTF16, Document, DocumentStore
 from difill.lsp_server.engine_host import READY, CancelToken, EngineHost, Skipped
@@ -294,6 +294,8 @@ class Service:
 
     def _progress_callback(self, engine, progress_token: Any) -> Callable:
         """difill/progress: the decoded canvas after every denoising step (worker thread)."""
+        from difill.inference.engine import render_canvas
+
         mask_id = engine.model.config.mask_token_id
         end_id = engine.model.config.end_token_id
         finished_blocks: list[str] = []
@@ -303,7 +305,7 @@ class Service:
             if view.block != current["block"]:
                 finished_blocks.append(current["texts"][0])
                 current["block"] = view.block
-            texts = render_canvas(engine.tokenizer, view.canvas, mask_id, end_id)
+            texts = render_canvas(engine.tokenizer, view, mask_id, end_id)
             current["texts"] = texts
             head = "".join(finished_blocks)
             self.client.notify("difill/progress", {"token": progress_token, "block": view.block, "step": view.step,

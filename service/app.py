@@ -292,27 +292,11 @@ class InferenceService:
         except ValueError as exc:
             raise BadRequest(str(exc)) from exc
 
-    def render(self, rows: list[list[int]]) -> list[str]:
-        """Each canvas row as text: committed runs decoded together, a placeholder per masked
-        position, cut at the end-of-infill token."""
-        texts = []
-        for row in rows:
-            if self.end_id in row:
-                row = row[: row.index(self.end_id)]
-            parts: list[str] = []
-            run: list[int] = []
-            for token in row:
-                if token == self.mask_id:
-                    if run:
-                        parts.append(self.engine.tokenizer.decode(run))
-                        run = []
-                    parts.append(MASK_PLACEHOLDER)
-                else:
-                    run.append(token)
-            if run:
-                parts.append(self.engine.tokenizer.decode(run))
-            texts.append("".join(parts))
-        return texts
+    def render(self, view: StepView) -> list[str]:
+        """Each canvas row of a step as text (:func:`difill.inference.engine.render_canvas`)."""
+        from difill.inference.engine import render_canvas
+
+        return render_canvas(self.engine.tokenizer, view, self.mask_id, self.end_id, MASK_PLACEHOLDER)
 
     async def run(self, http: Request, item: BatchItem) -> Any:
         """The item's result; raises Cancelled when the client disconnects first (checked every
@@ -505,7 +489,7 @@ def create_app(service: InferenceService) -> FastAPI:
                     if value.block != current["block"]:
                         finished.append(current["texts"][0])
                         current["block"] = value.block
-                    current["texts"] = service.render(value.canvas)
+                    current["texts"] = service.render(value)
                     head = "".join(finished)
                     yield sse(chunk([head + t for t in current["texts"]], None))
                 elif kind == "result":
@@ -554,7 +538,7 @@ def create_app(service: InferenceService) -> FastAPI:
                     yield ": waiting\n\n"
                 elif kind == "step":
                     yield sse({"block": value.block, "step": value.step, "committed": value.committed,
-                               "canvas": value.canvas, "texts": service.render(value.canvas)}, "step")
+                               "canvas": value.canvas, "texts": service.render(value)}, "step")
                 elif kind == "result":
                     yield sse(result_json(value, item, (time.monotonic() - started) * 1000), "result")
                 else:

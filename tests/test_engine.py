@@ -271,7 +271,10 @@ def test_token_healing_takes_back_a_partial_word_and_the_canvas_starts_with_it(e
             engine.settings.heal_partial_word = True
         assert whole.heal == "" and engine.tokenizer.decode(whole.before).endswith(other_prefix[-10:])
         if other_prefix == prefix:
-            assert len(whole.before) == len(context.before) + 1  # the one token taken back
+            # The word's tokens taken back, and nothing else: same tokens before them, and they spell the word.
+            taken = len(whole.before) - len(context.before)
+            assert taken >= 1 and whole.before[:len(context.before) - 1] == context.before[:-1]
+            assert engine.tokenizer.decode(whole.before[len(context.before) - 1:-1]) == context.heal
 
 
 # ---------------------------------------------------------------------------- context cache

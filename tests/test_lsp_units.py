@@ -9,8 +9,10 @@ import json
 from lsprotocol import types
 
 from difill.lsp_server import config
+from difill.inference.engine import render_canvas
+from difill.inference.sampler import StepView
 from difill.lsp_server.completion import (TypingCache, completion_items, context_window, inline_items, looks_binary,
-                                          render_canvas, word_before)
+                                          word_before)
 from difill.lsp_server.debounce import Debouncer, adaptive_delay_ms, context_factor
 from difill.lsp_server.transport import FrameError, read_frame
 
@@ -145,7 +147,10 @@ def test_render_canvas_marks_masked_positions() -> None:
         def decode(self, ids):
             return "".join(chr(ord("a") + i - 10) for i in ids)
 
-    assert render_canvas(Tok(), [[10, 0, 11, 1, 12]], mask_id=0, end_id=1) == ["a░b"]
+    assert render_canvas(Tok(), StepView(0, 1, [[10, 0, 11, 1, 12]], 2), mask_id=0, end_id=1) == ["a░b"]
+    # Token healing: the canvas rewrites the word before the cursor ("ab|"), which is not shown again.
+    healing = StepView(0, 1, [[10, 0, 12], [10, 11, 12, 13]], 4, heal=["ab", "ab"])
+    assert render_canvas(Tok(), healing, mask_id=0, end_id=1) == ["░c", "cd"]
 
 
 def test_read_frame_headers() -> None:
