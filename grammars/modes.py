@@ -33,6 +33,20 @@ def _line_before(prefix: str) -> str:
     return prefix[prefix.rfind("\n") + 1:]
 
 
+def _header_of_the_body_below(prefix: str, suffix: str) -> bool:
+    """On a blank line, the next non-blank line is indented deeper than the cursor: its body
+    is already written, so the line at the cursor is its header (`def f(x):`, `if (a) {`), one
+    line, and a block would write the body a second time."""
+    current = _line_before(prefix)
+    if current.strip():
+        return False
+    for line in suffix.split("\n")[1:]:
+        if line.strip():
+            indent = line[: len(line) - len(line.lstrip())]
+            return len(indent.expandtabs(8)) > len(current.expandtabs(8))
+    return False
+
+
 def _heuristic_mode(prefix: str) -> str:
     """Mode for an unknown language: a block after a line ending in ':' or '{', else a line."""
     current = _line_before(prefix)
@@ -49,11 +63,12 @@ def decide_mode(prefix: str, suffix: str, language: Language | None) -> str:
     Block: at the end of a block header (`def f():`, `if x {`: the table's header_pattern), or on
     an empty line where statements go: no bracket open (Python bodies, top level), or the
     innermost open bracket opens a block node of the table (`{` of a function body, not of an
-    object literal). Line: the rest of a non-empty line, inside a string or comment, or on an
-    empty line inside an expression's brackets (call arguments, literals). Unknown language: a
+    object literal). Line: the rest of a non-empty line, inside a string or comment, on an
+    empty line inside an expression's brackets (call arguments, literals), or on an empty line
+    above a body that is indented deeper (its header is missing). Unknown language: a
     text heuristic (block only right after a line ending in ':' or '{').
     """
-    if _rest_of_line(suffix).strip():
+    if _rest_of_line(suffix).strip() or _header_of_the_body_below(prefix, suffix):
         return LINE
     if language is None:
         return _heuristic_mode(prefix)

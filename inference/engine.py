@@ -20,11 +20,13 @@ Two context layouts, chosen by the model:
   context's keys and values are taken from a full forward pass and reused for
   ``refresh_every`` steps (Fast-dLLM's approximate dual cache).
 
-Token healing: where the cursor is inside a word, the prefix's tokens of that word are taken
-back and the canvas must start with their text, split only where the tokenizer splits it
-(``EngineSettings.heal_partial_word``): a prefix cut mid-word ends in a token the model has
-rarely seen a word continue from (`ar` + `gs`), and its tokens are what the model would have
-chosen for the whole word. On the FIM set, Python line tails went from 29.6% to 40.7% exact.
+Token healing (``EngineSettings.heal_tokens``): where the cursor is inside a word, the
+prefix's tokens of that word are taken back and the canvas must start with their text, split
+only where the tokenizer splits it: a prefix cut mid-word ends in a token the model has rarely
+seen a word continue from (`ar` + `gs`), and its tokens are what the model would have chosen
+for the whole word. On the FIM set, Python line tails went from 29.6% to 40.7% exact. Where
+the cursor is after a space inside a line (`x = `), the space is taken back the same way and
+the canvas starts with it (` b`), or ends at once: there may be nothing to write.
 
 The model is reached through a *denoiser* with two calls, ``prefill`` (run context tokens into
 a cache) and ``canvas_logits`` (the output head at the canvas positions that can still change;
@@ -67,6 +69,12 @@ MODES = ("line", "block", "auto")
 _WORD_END = re.compile(r"\w\Z")
 _WORD = re.compile(r"\w+")
 HEAL_CHARS = 12
+# The cursor after spaces inside a line (`x = `, `f(a, `): the tokenizer joins the last space to
+# the word after it (` b`), so the prefix alone ends in a whitespace token that the model has
+# rarely seen a word follow. Not after indentation: training cut whole lines and blocks there,
+# with the prefix encoded apart (`\n    ` + `def`), and healing it measured worse (bench/README.md).
+_SPACE_END = re.compile(r"\S[ \t]+\Z")
+_PROBE = "a"  # a word character: how the whitespace is split when a word follows it
 # Tokens that end an infill in the open checkpoints' vocabularies, besides the config's eos:
 # DiffuCoder pads a finished answer with <|dlm_pad|>; chat-tuned models close with these.
 OPEN_END_TOKENS = ("<|dlm_pad|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
@@ -84,7 +92,7 @@ class InfillRequest:
     suffix: str = ""
     language: str | None = None  # LSP languageId or a difill language name
     path: str | None = None  # file name, used when language is None
-    max_tokens: int | None = None  # default: settings.line_tokens or settings.block_tokens
+    max_tokens: int | None = None  # default: settings.line_max_tokens or settings.block_tokens
     mode: str = "auto"  # "line" | "block" | "auto" (from the cursor's syntactic position)
     steps: int | None = None  # None: threshold decoding
     candidates: int = 1
@@ -127,6 +135,10 @@ class EngineSettings:
     prefix_tokens: int | None = None  # None: what the model was trained with (config "context_tokens")
     suffix_tokens: int | None = None
     line_tokens: int = 16  # canvas of a single-line completion
+    # Most tokens of a single-line completion: a line that fills its canvas without ending goes
+    # on in another canvas of line_tokens (12% of the FIM set's single-line holes are longer than
+    # 16 tokens, and could not be completed whole before).
+    line_max_tokens: int = 48
     block_tokens: int = 64  # most tokens of a multi-line completion
     canvas_tokens: int = 32  # one block of the canvas; it grows block by block
     threshold: float = 0.9
@@ -160,10 +172,11 @@ class EngineSettings:
     # bit-reproducible across the two: an opt-in for throughput (serve-model --dtype bfloat16).
     dtype: str | None = None
     # Token healing: where the cursor is inside a word (`wrap_text(ar|`), the prefix's tokens of
-    # that word ("ar"; at most HEAL_TOKENS) are taken back and the canvas must start with their
-    # text ("args"), so the model continues from a token boundary it has seen rather than from a
-    # word split in two, and chooses the word's tokenization itself.
-    heal_partial_word: bool = True
+    # that word ("ar"; at most HEAL_CHARS characters) are taken back and the canvas must start
+    # with their text ("args"), so the model continues from a token boundary it has seen rather
+    # than from a word split in two, and chooses the word's tokenization itself. After a space
+    # inside a line (`x = |`), the canvas starts with that space (` b`), or ends.
+    heal_tokens: bool = True
     use_kernels: bool = True  # CUDA only: the fused kernels of difill.kernels when they are installed
     onnx_int8: bool = False  # --backend onnx on the CPU: int8 weights (bench/README.md: speed and agreement)
 
@@ -222,7 +235,7 @@ class _Context:
     """The tokens around the canvas: ``before`` precedes it, ``after`` follows it (open dLLMs).
 
     ``heal``: the text of the prefix's last token when it was taken back (token healing, see
-    ``EngineSettings.heal_partial_word``): the canvas must start with it."""
+    ``EngineSettings.heal_tokens``): the canvas must start with it."""
 
     before: list[int]
     after: list[int] = field(default_factory=list)
@@ -515,7 +528,7 @@ class Engine:
         if language is None and (request.language or request.path):
             log.debug("no grammar for language %r / %r: completing without the syntax constraint", request.language, request.path)
         mode = request.mode if request.mode != "auto" else grammars.decide_mode(request.prefix, request.suffix, language)
-        max_tokens = request.max_tokens or (s.line_tokens if mode == "line" else s.block_tokens)
+        max_tokens = request.max_tokens or (s.line_max_tokens if mode == "line" else s.block_tokens)
         constrain = (s.constrain_syntax if request.constrain_syntax is None else request.constrain_syntax) and language is not None
         context = self._encode_context(request.prefix, request.suffix)
         # The critics judge the canvas after the prefix the model continues (less the healed text).
@@ -715,7 +728,9 @@ class Engine:
         suffix_ids = self._budget_suffix(suffix, suffix_budget)
         prefix_ids = self._budget_prefix(prefix, prefix_budget)
         heal = ""
-        if s.heal_partial_word and _WORD_END.search(prefix):
+        if s.heal_tokens and _SPACE_END.search(prefix[prefix.rfind("\n") + 1:]):
+            prefix_ids, heal = self._heal_space(prefix, prefix_ids)
+        elif s.heal_tokens and _WORD_END.search(prefix):
             # The word's tokens from the end: the last one whatever it holds (` ar`), the ones
             # before it while they are word characters only (`_run` `_` `val` `i`).
             while prefix_ids and len(heal) < HEAL_CHARS and prefix_ids[-1] not in self._healing_stops:
@@ -729,6 +744,23 @@ class Engine:
             return _Context([c.suffix_token_id] + suffix_ids + [c.prefix_token_id] + prefix_ids + [c.middle_token_id], heal=heal)
         bos = [c.bos_token_id] if c.bos_token_id is not None else []
         return _Context(bos + prefix_ids, suffix_ids, heal=heal)
+
+    def _heal_space(self, prefix: str, prefix_ids: list[int]) -> tuple[list[int], str]:
+        """The prefix's last token when it is whitespace (`\n    `), encoded again as it is when a
+        word follows it (`\n   ` + ` a`): the tokens before the word stay in the prefix, and the
+        whitespace the word's token starts with (` `) is what the canvas must start with."""
+        if not prefix_ids or prefix_ids[-1] in self._healing_stops:
+            return prefix_ids, ""
+        piece = self.tokenizer.piece(prefix_ids[-1])
+        if not piece or piece.strip() or not prefix.endswith(piece):
+            return prefix_ids, ""
+        again = self.tokenizer.encode(piece + _PROBE)
+        kept = again[:-1]
+        word = self.tokenizer.piece(again[-1]) if again else ""
+        heal = word[: -len(_PROBE)] if word.endswith(_PROBE) else ""
+        if not heal or "".join(self.tokenizer.piece(t) for t in kept) + heal != piece:
+            return prefix_ids, ""  # the word's token takes none of the whitespace: nothing to heal
+        return prefix_ids[:-1] + kept, heal
 
     def _heal_allowed(self, text: str) -> tuple[torch.Tensor, bool]:
         """The tokens that may come next in a canvas that must start with ``text`` ([V] bool):
@@ -747,6 +779,8 @@ class Engine:
             if split:
                 allowed[first[0]] = True
             allowed &= ~self._banned
+            if not text.strip():  # after spaces there may be nothing to write: the infill may end
+                allowed |= self._end
             if len(self._healing) >= 256:  # a word typed letter by letter asks for each of its prefixes
                 self._healing.pop(next(iter(self._healing)))
             entry = self._healing[text] = (allowed, not split)

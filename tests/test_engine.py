@@ -74,7 +74,7 @@ def test_cancel_between_steps_then_the_engine_still_works(engine):
 
 def test_on_step_views_track_the_canvas(engine):
     views: list[StepView] = []
-    result = engine.infill(line_request(LINE_AT[1]), on_step=views.append)
+    result = engine.infill(line_request(LINE_AT[1], max_tokens=engine.settings.line_tokens), on_step=views.append)
     mask = engine.model.config.mask_token_id
     assert len(views) == result.steps
     assert [v.step for v in views] == list(range(1, len(views) + 1))
@@ -255,26 +255,46 @@ def test_token_healing_takes_back_a_partial_word_and_the_canvas_starts_with_it(e
     assert context.heal and prefix.endswith(context.heal) and context.heal.endswith("e")
     assert "." not in context.heal  # the word's tokens only (`pie`), not the attribute access before it
     views: list[StepView] = []
-    result = engine.infill(InfillRequest(prefix=prefix, suffix=suffix, mode="line", constrain_syntax=False),
-                           on_step=views.append)
+    result = engine.infill(InfillRequest(prefix=prefix, suffix=suffix, mode="line", constrain_syntax=False,
+                                         max_tokens=engine.settings.line_tokens), on_step=views.append)  # one canvas
     canvas = views[-1].canvas[0]
     end = next((i for i, t in enumerate(canvas) if t in engine.end_ids), len(canvas))
     written = engine.tokenizer.decode(canvas[:end + 1])
     # The word taken back is written first, and the completion is what follows the cursor.
     assert written.startswith(context.heal + result.completion)
     # Off, or with the cursor after a word, the prefix is encoded whole.
-    for other_prefix, setting in ((prefix, False), (prefix + " ", True), (prefix + "(", True)):
-        engine.settings.heal_partial_word = setting
+    for other_prefix, setting in ((prefix, False), (prefix + "(", True)):  # after a space: the next test
+        engine.settings.heal_tokens = setting
         try:
             whole = engine._encode_context(other_prefix, suffix)
         finally:
-            engine.settings.heal_partial_word = True
+            engine.settings.heal_tokens = True
         assert whole.heal == "" and engine.tokenizer.decode(whole.before).endswith(other_prefix[-10:])
         if other_prefix == prefix:
             # The word's tokens taken back, and nothing else: same tokens before them, and they spell the word.
             taken = len(whole.before) - len(context.before)
             assert taken >= 1 and whole.before[:len(context.before) - 1] == context.before[:-1]
             assert engine.tokenizer.decode(whole.before[len(context.before) - 1:-1]) == context.heal
+
+
+def test_token_healing_after_a_space_inside_a_line_but_not_after_indentation(engine):
+    prefix, suffix = "def scale(values, factor):\n    return resize(values, ", ")\n"
+    context = engine._encode_context(prefix, suffix)
+    assert context.heal == " "
+    tokenizer = engine.tokenizer
+    assert tokenizer.decode(context.before[:-1]).endswith("resize(values,")  # the space taken back
+    views: list[StepView] = []
+    result = engine.infill(InfillRequest(prefix=prefix, suffix=suffix, mode="line", constrain_syntax=False,
+                                         max_tokens=engine.settings.line_tokens), on_step=views.append)  # one canvas
+    written = tokenizer.decode(views[-1].canvas[0])
+    assert written.startswith(" ") and not result.completion.startswith(" ")  # the space is the prefix's
+    # A token that starts with the space, or the end (nothing to write there); not a bare word.
+    allowed, whole = engine._heal_allowed(" ")
+    with_space, bare = tokenizer.encode(" factor")[0], tokenizer.encode("factor")[0]
+    assert whole and allowed[with_space] and allowed[engine.end_ids[0]] and not allowed[bare]
+    # Indentation stays as it is: training cut whole lines there, with the prefix encoded apart.
+    for indented in ("x = 1\n    ", "x = 1\n\t"):
+        assert engine._encode_context(indented, "\n").heal == ""
 
 
 # ---------------------------------------------------------------------------- context cache

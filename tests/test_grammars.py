@@ -301,6 +301,19 @@ def test_empty_line_in_a_body_is_block(case):
     assert decide_mode(case.body, case.rest, lang(case)) == "block"
 
 
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_empty_line_above_a_deeper_body_is_its_header_line(case):
+    """The body below is already written, so the hole is its header: one line (a block would
+    write the body a second time). At the body's own depth it stays a block."""
+    indent = case.body.rsplit("\n", 1)[1]
+    closer = "\n" + indent + "}" if case.header[-1].strip() == "{" else ""
+    suffix = "\n" + indent + case.indent + "total = total + b" + case.end + closer + case.rest
+    assert decide_mode(case.body, suffix, lang(case)) == "line"
+    assert decide_mode(case.body, "\n\n" + suffix, lang(case)) == "line"  # blank lines between
+    assert decide_mode(case.body, case.rest, lang(case)) == "block"
+    assert decide_mode(case.body + "x = 1", suffix, lang(case)) == "line"  # text before the cursor: line anyway
+
+
 # ---------------------------------------------------------------------------------- user's errors
 
 

@@ -195,14 +195,18 @@ class ScriptedDenoiser:
 
 @pytest.fixture
 def scripted(engine):
-    """Install scripted distributions in the shared engine for one test."""
+    """Install scripted distributions in the shared engine for one test. They script the text
+    after the cursor token by token, so token healing (which would make the canvas start with
+    the prefix's last space) is off meanwhile."""
     real = engine.denoiser
 
     def install(tables) -> None:
         engine.denoiser = ScriptedDenoiser(real, tables)
+        engine.settings.heal_tokens = False
 
     yield install
     engine.denoiser = real
+    engine.settings.heal_tokens = True
 
 
 def infill(engine, prefix, suffix, constrain, **kwargs):
