@@ -20,6 +20,10 @@ LINE = "line"
 BLOCK = "block"
 
 _WORD = re.compile(r"\w")
+# A chunk of 6+ characters written three times in a row: a small model's loop. Searched in lines
+# up to _LOOP_LINE_CHARS long (the search grows with the square of the length: 1 ms at 400).
+_LOOP = re.compile(r"(.{6,}?)\1\1")
+_LOOP_LINE_CHARS = 300
 # Without a grammar: brackets counted naively, for the fallbacks only.
 _OPENERS = "([{"
 _CLOSERS = ")]}"
@@ -132,14 +136,33 @@ def _strip_trailing_blank(text: str, suffix: str) -> str:
     return stripped
 
 
+def _loop_end(line: str) -> int | None:
+    """Where a chunk written three times in a row inside the line first ends (after the first
+    `r2.Key == r2.Key && ` of three), or None. Rulers and runs of one character (`# =====`)
+    are no loop."""
+    if len(line) > _LOOP_LINE_CHARS:
+        return None
+    for match in _LOOP.finditer(line):
+        chunk = match.group(1)
+        if _WORD.search(chunk) and len(set(chunk.strip())) >= 3:
+            return match.start() + len(chunk)
+    return None
+
+
 def stop_at_stutter(prefix: str, text: str) -> str:
-    """Cut a multi-line completion before the first line that repeats the line above it (the
-    cursor's line counts, whole): small models stutter (`value += 0.0` nine times), and a line
-    written twice in a row is almost never what the user wants; editors' completion tools filter
-    such repetition the same way."""
+    """Cut a completion at its first repetition: before a line that repeats the line above it
+    (the cursor's line counts, whole), or after the first of three copies of a chunk inside a
+    line. Small models stutter (`value += 0.0` nine times, `a == b && a == b && ...` to the end
+    of the canvas), repetition is almost never what the user wants, and editors' completion
+    tools filter it the same way. The engine also stops growing a completion that stutters."""
     lines = text.split("\n")
     previous = (prefix[prefix.rfind("\n") + 1:] + lines[0]).strip()
-    for index in range(1, len(lines)):
+    for index in range(len(lines)):
+        loop = _loop_end(lines[index])
+        if loop is not None:
+            return "\n".join(lines[:index] + [lines[index][:loop]]).rstrip()
+        if index == 0:
+            continue
         current = lines[index].strip()
         if current and current == previous and _WORD.search(current):  # `}` under `}` is no stutter
             return "\n".join(lines[:index]).rstrip()
@@ -240,13 +263,13 @@ def _cut_to_complete(text: str, site: CursorSite | None) -> str:
 def trim_completion(prefix: str, completion: str, suffix: str, language: Language | None, mode: str) -> str:
     """Trim a completion to a syntactic boundary.
 
-    line: stop at the end of the first line. block: strip trailing blank lines, stop before a
-    line that repeats the line above it, drop lines that repeat the suffix, then end at the end of a complete statement or block (dropping a trailing
+    line: stop at the end of the first line, and at a loop inside it. block: strip trailing blank
+    lines, stop at a loop or before a line that repeats the line above it, drop lines that repeat the suffix, then end at the end of a complete statement or block (dropping a trailing
     partial statement when possible). Both: never duplicate text that already follows the cursor
     (suffix starts with `)` and completion ends with `)` -> drop it, when that helps).
     """
     if mode == LINE:
-        text = completion.split("\n", 1)[0]
+        text = stop_at_stutter(prefix, completion.split("\n", 1)[0])
         if not _rest_of_line(suffix).strip():
             text = text.rstrip()
         if not text.strip():

@@ -562,6 +562,21 @@ def test_a_block_completion_stops_where_a_line_repeats_the_one_above():
     assert trim_completion("package main\n\nfunc f(b, c bool) {\n\t", closers, "\n}\n", go, "block") == closers
 
 
+def test_a_completion_stops_at_a_loop_inside_a_line():
+    python = language_for("python")
+    prefix, suffix = "def same(r1, r2):\n    return ", "\n"
+    loop = "r2.Key == r1.Key and r2.Key == r1.Key and r2.Key == r1.Key and r2.Key == r1.Key and r2."
+    trimmed = trim_completion(prefix, loop, suffix, python, "line")
+    assert trimmed == "r2.Key == r1.Key and"  # one copy (the engine's final syntax check drops the `and`)
+    assert SyntaxCritic(python, prefix, suffix, "line").longest_valid_prefix(trimmed) == "r2.Key == r1.Key"
+    assert trim_completion(prefix, "r2.Key == r1.Key and r2.Value == r1.Value", suffix, python, "line") \
+        == "r2.Key == r1.Key and r2.Value == r1.Value"  # repeated words, no loop
+    ruler = "# ================================================"
+    assert trim_completion("x = 1\n", ruler, "\n", python, "line") == ruler  # a run of one character
+    body = "if a:\n        total += step(a, b); total += step(a, b); total += step(a, b); total += step(a, b)\n"
+    assert trim_completion("def f(a, b):\n    ", body, "\n", python, "block") == "if a:\n        total += step(a, b);"
+
+
 def test_a_window_that_starts_inside_a_block_leaves_the_outer_levels_open():
     """A long class is cut by the parsed window (or the prefix an editor sends): the suffix may
     dedent to a level of the class that the window never showed; one between known levels is
