@@ -746,9 +746,9 @@ class Engine:
         return _Context(bos + prefix_ids, suffix_ids, heal=heal)
 
     def _heal_space(self, prefix: str, prefix_ids: list[int]) -> tuple[list[int], str]:
-        """The prefix's last token when it is whitespace (`\n    `), encoded again as it is when a
-        word follows it (`\n   ` + ` a`): the tokens before the word stay in the prefix, and the
-        whitespace the word's token starts with (` `) is what the canvas must start with."""
+        """The prefix's last token when it is whitespace (`  ` after `x =`), encoded again as it
+        is when a word follows it (` ` + ` a`): the tokens before the word stay in the prefix, and
+        the whitespace the word's token starts with (` `) is what the canvas must start with."""
         if not prefix_ids or prefix_ids[-1] in self._healing_stops:
             return prefix_ids, ""
         piece = self.tokenizer.piece(prefix_ids[-1])
