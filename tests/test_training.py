@@ -201,7 +201,11 @@ def test_the_model_card_reads_the_whole_history_from_the_exported_model(tiny: di
                "non_empty_rate": 1.0, "latency_p50_ms": 12.0}
     report = tmp_path / "eval.json"
     report.write_text(json.dumps({"metrics": metrics, "by_kind": {"line": metrics}, "by_language": {"python": metrics}}))
-    card = write_card(second, report, None, corpus, tmp_path / "MODEL_CARD.md")
+    safim = tmp_path / "safim.json"
+    tested = {**metrics, "pass_at_1": 0.25, "tested": 4}
+    safim.write_text(json.dumps({"metrics": tested, "by_kind": {"block": tested}, "by_language": {"python": tested}}))
+    card = write_card(second, report, None, corpus, tmp_path / "MODEL_CARD.md", safim_path=safim)
+    assert "## SAFIM" in card and "| block | 2 | 0.500 | 0.700 | 0.250 | 4 | 12 |" in card
     attribution = json.loads((tmp_path / "corpus.json").read_text())  # every corpus the model saw, no file list
     assert [p["name"] for p in attribution["packages"]] == ["new", "old"] and "files" not in attribution
     assert attribution["excluded_for_evaluation"] == ["attrs", "click"]

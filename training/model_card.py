@@ -5,9 +5,10 @@ set for this model and, when given, the model it replaces.
     difill eval evaluation/fimset --no-tests --report runs/cont/eval.json --model runs/cont/export
     python bench/layouts.py runs/compare-block runs/compare-bidirectional --out runs/layouts.json
     python bench/engine.py --model runs/cont/export --out runs/engine.json
+    difill eval safim --language python --report runs/safim.json --model runs/cont/export
     python -m difill.training.model_card --model runs/cont/export \\
         --report runs/cont/eval.json --previous-report runs/small/eval.json --layouts runs/layouts.json \\
-        --engine runs/engine.json --out runs/cont/export/MODEL_CARD.md
+        --engine runs/engine.json --safim runs/safim.json --out runs/cont/export/MODEL_CARD.md
 
 The training history (runs, totals, learning curve) comes from the model's own training.json,
 which nests the record of every model it continued from: no run folder is needed.
@@ -116,8 +117,23 @@ def decoding_section(engine: dict, decode_window: int | dict | None) -> list[str
     return lines
 
 
+def safim_section(report: dict) -> list[str]:
+    """``difill eval safim`` on this model: the public benchmark whose cases carry unit tests,
+    so pass@1 (the completion run against them in the sandbox) stands beside exact match."""
+    languages = ", ".join(sorted(report["by_language"]))
+    lines = ["## SAFIM", "",
+             f"`difill eval safim --language {languages}` (the SAFIM benchmark in `../shared/benchmarks/safim`, never "
+             "trained on; block and control cases run their unit tests in the sandbox, api cases have none):", "",
+             "| kind | cases | exact_match | edit_similarity | pass@1 | tested | latency_p50_ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for kind, m in {"all": report["metrics"], **report["by_kind"]}.items():
+        lines.append(f"| {kind} | {m.get('cases', '–')} | {fmt(m.get('exact_match'))} | {fmt(m.get('edit_similarity'))} | "
+                     f"{fmt(m.get('pass_at_1'))} | {m.get('tested', 0)} | {fmt(m.get('latency_p50_ms'))} |")
+    return lines + [""]
+
+
 def write_card(model: Path, report_path: Path, previous_path: Path | None, corpus: Path, out: Path,
-               layouts_path: Path | None = None, engine_path: Path | None = None) -> str:
+               layouts_path: Path | None = None, engine_path: Path | None = None, safim_path: Path | None = None) -> str:
     """The card of the exported model in ``model``; its training history comes from its training.json."""
     config = json.loads((model / "config.json").read_text())
     training = json.loads((model / "training.json").read_text())
@@ -214,6 +230,8 @@ def write_card(model: Path, report_path: Path, previous_path: Path | None, corpu
         *[f"| {lang} | " + " | ".join(fmt(m.get(k)) for k in METRICS[:4]) + " |" for lang, m in report["by_language"].items()],
         "",
     ]
+    if safim_path:
+        lines += safim_section(json.loads(safim_path.read_text()))
     if engine_path:
         lines += decoding_section(json.loads(engine_path.read_text()), config["extra"].get("decode_window"))
     if layouts:
@@ -247,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layouts", type=Path, help="bench/layouts.py's JSON: the attention layout comparison")
     parser.add_argument("--engine", type=Path, help="bench/engine.py's JSON: decoding order and latency")
+    parser.add_argument("--safim", type=Path, help="difill eval safim's report: pass@1 with unit tests")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--previous-report", type=Path)
@@ -254,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     write_card(args.model, args.report, args.previous_report, args.corpus, args.out,
-               args.layouts, args.engine)
+               args.layouts, args.engine, args.safim)
 
 
 if __name__ == "__main__":
