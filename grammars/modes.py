@@ -264,9 +264,10 @@ def trim_completion(prefix: str, completion: str, suffix: str, language: Languag
     """Trim a completion to a syntactic boundary.
 
     line: stop at the end of the first line, and at a loop inside it. block: strip trailing blank
-    lines, stop at a loop or before a line that repeats the line above it, drop lines that repeat the suffix, then end at the end of a complete statement or block (dropping a trailing
-    partial statement when possible). Both: never duplicate text that already follows the cursor
-    (suffix starts with `)` and completion ends with `)` -> drop it, when that helps).
+    lines, stop at a loop or before a line that repeats the line above it, drop lines that repeat
+    the suffix, then end at the end of a complete statement or block (dropping a trailing partial
+    statement when possible). Both: never duplicate text that already follows the cursor (suffix
+    starts with `)` and completion ends with `)` -> drop it, when that helps).
     """
     if mode == LINE:
         text = stop_at_stutter(prefix, completion.split("\n", 1)[0])
