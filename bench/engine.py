@@ -20,7 +20,8 @@ Sections:
 * warm: a recorded typing session per case (the reference typed one character at a time, a
   request after every keystroke, one document key): latency p50/p95 and the share of the context
   reused from the cache; ``--backends`` torch (its default weights: float16 on the CPU),
-  torch-fp32, torch-fp16, torch-bf16 (bfloat16 weights), onnx, onnx-int8.
+  torch-fp32, torch-fp16, torch-int8 (int8 weights, activations quantized per product), torch-bf16
+  (bfloat16 weights), onnx, onnx-int8.
 * block: 64-token infills (the end token disabled, so every request decodes 64 real tokens):
   latency and tokens/s, warm (one keystroke after a first request on the document).
 * cold: new documents, the model's own context budget, and a 1k-token context (budgets raised).
@@ -132,20 +133,23 @@ def pct(values: list[float], q: float) -> float:
 
 
 # ---------------------------------------------------------------------------- engines
-TORCH_DTYPES = {"torch-fp32": "float32", "torch-fp16": "float16", "torch-bf16": "bfloat16"}
+TORCH_DTYPES = {"torch-fp32": "float32", "torch-fp16": "float16", "torch-bf16": "bfloat16", "torch-int8": "int8"}
 
 
 def default_backends() -> str:
-    """torch (its default weights: float16 on the CPU), torch-fp32, ONNX Runtime; torch-bf16 only
-    where the CPU has bfloat16 units (elsewhere it is emulated, many times slower)."""
+    """torch (its default weights: float16 on the CPU), torch-fp32, torch-int8 where FBGEMM serves
+    it, ONNX Runtime; torch-bf16 only where the CPU has bfloat16 units (elsewhere it is emulated,
+    many times slower)."""
     from difill.inference.engine import cpu_has_bfloat16_units
+    from difill.inference.model import Int8WeightLinear
 
-    return "torch,torch-fp32," + ("torch-bf16," if cpu_has_bfloat16_units() else "") + "onnx,onnx-int8"
+    return "torch,torch-fp32," + ("torch-int8," if Int8WeightLinear.available() else "") + \
+        ("torch-bf16," if cpu_has_bfloat16_units() else "") + "onnx,onnx-int8"
 
 
 def load_engines(names: list[str], model: str | None, threads: int | None = None) -> dict:
     """Engines by bench name: a backend of Engine.load (torch with its default weights), or torch
-    with the weights of TORCH_DTYPES ("torch-fp32", "torch-fp16", "torch-bf16")."""
+    with the weights of TORCH_DTYPES ("torch-fp32", "torch-fp16", "torch-bf16", "torch-int8")."""
     from difill.inference.engine import Engine, EngineSettings
 
     engines = {}
@@ -625,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON object to this file")
     parser.add_argument("--quick", action="store_true", help="fewer cases (a smoke run)")
     parser.add_argument("--model", help="model directory (default: the bundled model)")
-    parser.add_argument("--backends", help="comma-separated (default: torch,torch-fp32,[torch-bf16,]onnx,onnx-int8)")
+    parser.add_argument("--backends", help="comma-separated (default: torch,torch-fp32,[torch-int8,][torch-bf16,]onnx,onnx-int8)")
     parser.add_argument("--sections", default="warm,block,cold,naive,window,canvas,agreement,batch,threads,refresh")
     parser.add_argument("--bidirectional-model", help="a real bidirectional checkpoint for the refresh section")
     parser.add_argument("--gpu-7b", action="store_true", help="Dream-Coder-7B shapes in bf16 on CUDA")
@@ -692,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     headline["onnx_int8_over_torch"] = round(torch_p50 / int8_p50, 2) if torch_p50 and int8_p50 else None
     bf16_p50 = report["backends"].get("torch-bf16", {}).get("p50_ms_line")
     headline["bf16_over_torch"] = round(torch_p50 / bf16_p50, 2) if torch_p50 and bf16_p50 else None
+    torch_int8_p50 = report["backends"].get("torch-int8", {}).get("p50_ms_line")
+    headline["torch_int8_over_torch"] = round(torch_p50 / torch_int8_p50, 2) if torch_p50 and torch_int8_p50 else None
     # The default weights against float32 (>1: the default is faster), per case in one run.
     for kind in ("line", "block"):
         ratio = report["backends"].get("torch", {}).get(f"fp32_over_this_{kind}")

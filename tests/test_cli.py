@@ -14,7 +14,7 @@ import pytest
 
 import difill
 from difill.cli import DTYPE_CHOICES
-from difill.inference.engine import DTYPES, default_dtype
+from difill.inference.engine import WEIGHT_TYPES, default_dtype
 
 SAMPLE = '''def area(width, height):
     """Area of a rectangle."""
@@ -126,7 +126,7 @@ def test_info_lists_model_backend_device_and_languages() -> None:
     assert info["dtype"] == default_dtype("cpu")  # float16 weights where FBGEMM serves them; --dtype picks another
     assert json.loads(difill_cli("info", "--json", "--dtype", "bfloat16").stdout)["dtype"] == "bfloat16"
     assert json.loads(difill_cli("info", "--json", "--dtype", "float32").stdout)["dtype"] == "float32"
-    assert sorted(DTYPE_CHOICES) == sorted(DTYPES)  # the CLI's choices are the engine's names
+    assert sorted(DTYPE_CHOICES) == sorted(WEIGHT_TYPES)  # the CLI's choices are the engine's names
     clash = difill_cli("info", "--backend", "onnx", "--dtype", "bfloat16")
     assert clash.returncode == 2 and "torch backend" in clash.stderr and "Traceback" not in clash.stderr
 

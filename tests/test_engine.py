@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from difill.inference.engine import Engine, EngineSettings, InfillRequest, InfillResult
-from difill.inference.model import HalfWeightLinear, ModelConfig, Transformer, init_weights
+from difill.inference.model import HalfWeightLinear, Int8WeightLinear, ModelConfig, Transformer, block_diffusion_mask, init_weights
 from difill.inference.sampler import Cancelled, StepView
 
 SOURCE = (Path(__file__).resolve().parents[1] / "inference" / "engine.py").read_text()
@@ -141,6 +141,31 @@ def test_cpu_default_is_half_weights_with_the_float32_completions(engine):
         request = InfillRequest(prefix=prefix + "x" * typed, suffix=suffix, mode="line", constrain_syntax=False, document_key="typing")
         assert engine.infill(request).completion == full.infill(request).completion
     engine.forget("typing")
+
+
+@pytest.mark.skipif(not (Int8WeightLinear.available() and HalfWeightLinear.available()),
+                    reason="this torch build has no FBGEMM int8 or half-precision GEMM")
+def test_int8_weights_predict_what_the_default_weights_predict(engine):
+    """--dtype int8 (smoothed activations, int8 products, the down projection float16) picks the
+    default model's token at nearly every masked canvas position of real code (measured 98%;
+    without the smoothing 97%, with the down projection in int8 74%), and still completes."""
+    fast = Engine.load(settings=EngineSettings(dtype="int8"))
+    assert fast.describe()["dtype"] == "int8" and isinstance(fast.model.lm_head, Int8WeightLinear)
+    config, generator = engine.model.config, torch.Generator().manual_seed(0)
+    agree = total = 0
+    for offset in range(SOURCE.index("class Engine"), len(SOURCE) - 2000, 2500):
+        context = engine.tokenizer.encode(SOURCE[offset - 1200:offset])[-200:]
+        middle = engine.tokenizer.encode(SOURCE[offset:offset + 200])[:24]
+        masked = torch.rand(len(middle), generator=generator) < 0.6
+        ids = torch.tensor(context + [config.mask_token_id if m else t for t, m in zip(middle, masked.tolist())])
+        mask = block_diffusion_mask(len(context), len(middle))
+        with torch.no_grad():
+            picks = [model.logits(model.hidden_states(ids[None], torch.arange(len(ids)), mask=mask)[0, len(context):]).argmax(-1)
+                     for model in (engine.model, fast.model)]
+        agree += int((picks[0] == picks[1])[masked].sum())
+        total += int(masked.sum())
+    assert total > 50 and agree / total >= 0.9
+    assert fast.infill(line_request(LINE_AT[0])).completion.strip()
 
 
 def test_decode_window_comes_from_the_model_config_unless_set(engine):

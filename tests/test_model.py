@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from difill.inference.loader import load_model
-from difill.inference.model import (CanvasKV, HalfWeightLinear, KVCache, ModelConfig, Transformer, attention_mask,
+from difill.inference.model import (CanvasKV, HalfWeightLinear, Int8WeightLinear, KVCache, ModelConfig, Transformer, attention_mask,
                                    block_diffusion_mask, init_weights)
 
 transformers = pytest.importorskip("transformers")
@@ -306,6 +306,54 @@ def test_half_weights_compute_the_float32_product_of_rounded_weights(tmp_path):
     assert 0 < error < 2e-3  # rounded (not the float32 weights), but only by the weights' rounding
     with pytest.raises(ValueError, match="fuse_projections"):
         load_model(tmp_path).pack_half_weights()
+
+
+def test_smoothing_keeps_the_float32_function(tmp_path):
+    """SmoothQuant's folding (input channels scaled down, weight rows up, 1/s in the RMSNorm
+    weights and the value channels) changes no float32 logit: GQA (values shared by two heads),
+    QKV bias, a cached context and a canvas; activations large in a few channels shrink."""
+    qwen2_reference(tmp_path, kv_heads=2)
+    fused = load_model(tmp_path).fuse_projections()
+    smoothed = load_model(tmp_path).fuse_projections()
+    with torch.no_grad():  # a few large channels, as trained models have them
+        for model in (fused, smoothed):
+            model.layers[0].input_layernorm.weight[:3] = 20.0
+    before = smoothed.layers[0].input_layernorm.weight.clone()
+    smoothed.smooth_activations(torch.randint(0, 96, (40,)), window=16)
+    outputs = context_then_canvas_logits(fused, smoothed)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=ATOL, rtol=1e-4)
+    after = smoothed.layers[0].input_layernorm.weight
+    assert (after[:3] / before[:3]).max() < (after[3:] / before[3:]).min()  # the large channels shrank most
+    with pytest.raises(ValueError, match="fuse_projections"):
+        load_model(tmp_path).smooth_activations(torch.arange(8))
+
+
+@pytest.mark.skipif(not (Int8WeightLinear.available() and HalfWeightLinear.available()),
+                    reason="this torch build has no FBGEMM int8 or half-precision GEMM")
+def test_int8_weights_approximate_the_float32_product(tmp_path):
+    """Int8WeightLinear is x @ W.T + b within int8 rounding (per-channel weights, activations
+    quantized per product), for any leading shape; a packed model keeps the MLP's down
+    projection float16 and stays near the float32 logits."""
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(48, 32) * 0.1, torch.randn(48), torch.randn(2, 5, 32)
+    layer = Int8WeightLinear(weight, bias)
+    exact = x @ weight.t() + bias
+    out = layer(x)
+    assert out.shape == (2, 5, 48)
+    error = (out - exact).norm() / exact.norm()
+    assert 0 < error < 0.03  # rounded, by int8's rounding and no more
+    assert layer(torch.randn(0, 32)).shape == (0, 48)
+    qwen2_reference(tmp_path, kv_heads=2)
+    fused = load_model(tmp_path).fuse_projections()
+    packed = load_model(tmp_path).fuse_projections().smooth_activations(torch.randint(0, 96, (32,))).pack_int8_weights()
+    attn, mlp = packed.layers[0].self_attn, packed.layers[0].mlp
+    assert isinstance(attn.qkv_proj, Int8WeightLinear) and isinstance(packed.lm_head, Int8WeightLinear)
+    assert isinstance(mlp.down_proj, HalfWeightLinear)
+    outputs = context_then_canvas_logits(fused, packed)
+    error = (outputs[1] - outputs[0]).norm() / outputs[0].norm()
+    assert 0 < error < 0.05
+    with pytest.raises(ValueError, match="fuse_projections"):
+        load_model(tmp_path).pack_int8_weights()
 
 
 def test_canvas_kv_steps_are_exact_over_every_column_and_reuse_keys_of_the_others(tmp_path):
