@@ -22,7 +22,7 @@ class Settings:
     model: str | None = None  # model directory; None: the bundled model (or the CLI's --model)
     backend: str = "torch"
     device: str = "cpu"
-    dtype: str | None = None  # torch weights: None (bfloat16 on CUDA, float16 on the CPU), "float32", "bfloat16", "float16"
+    dtype: str | None = None  # torch weights: None (bfloat16 on CUDA, float16 on the CPU), "float32", "bfloat16", "float16", "int8" (CPU)
     steps: int | None = None  # None: confidence-threshold decoding
     max_tokens: int | None = None  # None: the engine's default for the mode
     mode: str = "auto"  # "auto" | "line" | "block"
@@ -102,7 +102,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "model": _optional_str,
     "backend": _choice("torch", "onnx"),
     "device": _choice("cpu", "cuda"),
-    "dtype": _choice(None, "float32", "bfloat16", "float16"),
+    "dtype": _choice(None, "float32", "bfloat16", "float16", "int8"),
     "steps": _optional_int(1, 1024),
     "max_tokens": _optional_int(1, 1024),
     "mode": _choice("auto", "line", "block"),

@@ -9,7 +9,7 @@
 
 export type Backend = 'torch' | 'onnx';
 export type Device = 'cpu' | 'cuda';
-export type Dtype = 'float32' | 'bfloat16' | 'float16';
+export type Dtype = 'float32' | 'bfloat16' | 'float16' | 'int8';
 export type Mode = 'auto' | 'line' | 'block';
 
 export interface DifillConfiguration {
@@ -102,7 +102,7 @@ const CHECKS: { [K in keyof DifillConfiguration]: [Check, string] } = {
   modelPath: [orNull(isString), 'a path or null'],
   backend: [oneOf('torch', 'onnx'), '"torch" or "onnx"'],
   device: [oneOf('cpu', 'cuda'), '"cpu" or "cuda"'],
-  dtype: [orNull(oneOf('float32', 'bfloat16', 'float16')), 'null, "float32", "bfloat16" or "float16"'],
+  dtype: [orNull(oneOf('float32', 'bfloat16', 'float16', 'int8')), 'null, "float32", "bfloat16", "float16" or "int8"'],
   steps: [orNull(isIntIn(1, 1024)), 'null or an integer from 1 to 1024'],
   maxTokens: [orNull(isIntIn(1, 1024)), 'null or an integer from 1 to 1024'],
   mode: [oneOf('auto', 'line', 'block'), '"auto", "line" or "block"'],

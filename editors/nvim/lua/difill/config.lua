@@ -44,7 +44,7 @@ M.defaults = {
   backend = 'torch',
   --- 'cpu' or 'cuda'.
   device = 'cpu',
-  --- 'float32', 'bfloat16' or 'float16' weights; nil: bfloat16 on CUDA, float16 on the CPU.
+  --- 'float32', 'bfloat16', 'float16' or 'int8' (CPU) weights; nil: bfloat16 on CUDA, float16 on the CPU.
   dtype = nil,
   --- Fixed number of denoising steps; nil lets the server stop on its confidence threshold.
   steps = nil,
@@ -146,8 +146,8 @@ function M.resolve(user)
   check('model', config.model == nil or type(config.model) == 'string', 'a path')
   check('backend', config.backend == 'torch' or config.backend == 'onnx', "'torch' or 'onnx'")
   check('device', config.device == 'cpu' or config.device == 'cuda', "'cpu' or 'cuda'")
-  check('dtype', config.dtype == nil or config.dtype == 'float32' or config.dtype == 'bfloat16' or config.dtype == 'float16',
-    "nil, 'float32', 'bfloat16' or 'float16'")
+  check('dtype', config.dtype == nil or config.dtype == 'float32' or config.dtype == 'bfloat16' or config.dtype == 'float16'
+    or config.dtype == 'int8', "nil, 'float32', 'bfloat16', 'float16' or 'int8'")
   check('steps', config.steps == nil or (type(config.steps) == 'number' and config.steps >= 1), 'nil or a number >= 1')
   check('max_tokens', config.max_tokens == nil or (type(config.max_tokens) == 'number' and config.max_tokens >= 1),
     'nil or a number >= 1')
