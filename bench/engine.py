@@ -43,6 +43,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
@@ -472,16 +473,13 @@ SIZE_SHAPES = {"5.3M (256x4)": (256, 4, 4, 704), "13.8M (384x6)": (384, 6, 6, 10
 
 def section_sizes(rows: int = 24, context: int = 300, repeats: int = 20) -> dict:
     """CPU cost of one canvas step against model shape (random weights, fused as Engine.load
-    fuses them, with its default CPU weights): what sizes the next model for the editor's latency budget."""
+    fuses them), with the default CPU weights (``step_ms``) and with int8 weights
+    (``step_ms_int8``, where FBGEMM serves them; unsmoothed: the weights are random, only the
+    time counts): what sizes the next model for the editor's latency budget."""
     from difill.inference.engine import default_dtype
-    from difill.inference.model import ModelConfig, Transformer
+    from difill.inference.model import Int8WeightLinear, ModelConfig, Transformer
 
-    out = {}
-    for name, (hidden, layers, heads, mlp) in SIZE_SHAPES.items():
-        config = ModelConfig(hidden_size=hidden, n_layers=layers, n_heads=heads, n_kv_heads=heads, intermediate_size=mlp)
-        model = Transformer(config).eval().fuse_projections(head=True)
-        if default_dtype("cpu") == "float16":
-            model.pack_half_weights()
+    def step_ms(model: Transformer) -> float:
         with torch.no_grad():
             cache = model.new_cache()
             model.hidden_states(torch.randint(10, 8000, (1, context)), torch.arange(context), cache=cache, causal=True, store=True)
@@ -492,8 +490,17 @@ def section_sizes(rows: int = 24, context: int = 300, repeats: int = 20) -> dict
                 model.logits(model.hidden_states(ids, positions, cache=cache))
                 if i >= 3:
                     times.append((time.perf_counter() - start) * 1000)
+        return round(statistics.median(times), 2)
+
+    out = {}
+    for name, (hidden, layers, heads, mlp) in SIZE_SHAPES.items():
+        config = ModelConfig(hidden_size=hidden, n_layers=layers, n_heads=heads, n_kv_heads=heads, intermediate_size=mlp)
+        model = Transformer(config).eval().fuse_projections(head=True)
+        int8 = copy.deepcopy(model).pack_int8_weights() if Int8WeightLinear.available() else None
+        if default_dtype("cpu") == "float16":
+            model.pack_half_weights()
         out[name] = {"parameters": config.n_params(), "threads": torch.get_num_threads(), "weights": default_dtype("cpu"),
-                     "step_ms": round(statistics.median(times), 2)}
+                     "step_ms": step_ms(model), "step_ms_int8": step_ms(int8) if int8 is not None else None}
     return out
 
 
