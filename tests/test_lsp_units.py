@@ -41,6 +41,11 @@ def test_model_change_is_detected() -> None:
     assert s.dtype == "bfloat16" and not warnings and config.model_changed(config.Settings(), s)
     s, warnings = config.update(s, {"dtype": "float64"})
     assert s.dtype == "bfloat16" and warnings  # not a choice: ignored, the previous value stays
+    from difill.inference.engine import WEIGHT_TYPES
+
+    for weights in WEIGHT_TYPES:  # every weight type the engine loads is a setting an editor may send
+        s, warnings = config.update(config.Settings(), {"dtype": weights})
+        assert s.dtype == weights and not warnings
 
 
 def test_languages_filter() -> None:
