@@ -317,9 +317,9 @@ class Int8WeightLinear(nn.Module):
     and ``x`` quantized on the fly to 7-bit unsigned integers with one scale per product
     (FBGEMM's dynamic int8 GEMM, int32 sums, float32 result).
 
-    On CPUs without AMX or VNNI this is the fastest product torch has for every row count the
-    engine uses: 2.5x (32 rows) to 4x (a 512-row prefill) faster than :class:`HalfWeightLinear` on
-    the 2-core AMD EPYC (bench/README.md). The price is rounding: about 2% relative error per
+    On the 2-core AMD EPYC (AVX2 only, no VNNI or AMX) this is the fastest product torch has for
+    every row count the engine uses: 2.5x (32 rows) to 4x (a 512-row prefill) faster than
+    :class:`HalfWeightLinear` (bench/README.md). The price is rounding: about 2% relative error per
     product on random data, against 0.02% for float16 weights, so completions may differ from the
     float32 model's: an opt-in, measured on the FIM set before it is anyone's default. The
     7-bit activations are what FBGEMM asks for on x86 (``reduce_range``): u8 x s8 products summed in
@@ -586,8 +586,8 @@ class Transformer(nn.Module):
     def pack_int8_weights(self) -> "Transformer":
         """CPU inference only, after :meth:`fuse_projections`: the projections and the head as
         :class:`Int8WeightLinear`, except the MLP's down projection, which stays
-        :class:`HalfWeightLinear`: its input (the SwiGLU product) has a few channels far larger
-        than the rest, and one 7-bit scale per product rounds the others away (the bundled model:
+        :class:`HalfWeightLinear`: its input (the SwiGLU product) is heavy-tailed token by token,
+        and one 7-bit scale per product rounds most of it away (the bundled model:
         top-1 agreement with float32 0.74 with it quantized, 0.97 without; bench/README.md).
         :meth:`smooth_activations` first rounds less. The embedding stays float32. Check both
         classes' ``available`` first."""
