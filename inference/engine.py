@@ -172,7 +172,7 @@ class EngineSettings:
     # bit-reproducible across the two: an opt-in for throughput (serve-model --dtype bfloat16).
     # "int8" (CPU): int8 weights and activations quantized per product, after SmoothQuant
     # (Int8WeightLinear, Transformer.smooth_activations): a warm line 1.2x, a 64-token block
-    # 1.15-1.4x and a cold request 1.25-1.4x faster than float16 on the AMD EPYC (two runs), at
+    # 1.15-1.4x and a cold request 1.25-1.8x faster than float16 on the AMD EPYC (three runs), at
     # 9.7% against 10.0% exact on the FIM set. An opt-in: a product's activation scale depends on every row in it, so a
     # completion depends on what was batched or cached with it, as with bfloat16.
     dtype: str | None = None
