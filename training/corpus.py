@@ -18,6 +18,9 @@ import email.parser
 import hashlib
 import json
 import logging
+import lzma
+import multiprocessing
+import os
 import re
 import shutil
 import subprocess
@@ -27,6 +30,7 @@ import zlib
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import IO, Iterator
 
 import numpy as np
 
@@ -57,6 +61,7 @@ class SourceFile:
     license: str
     language: str
     archive_sha256: str | None = None  # pinned downloads: the archive's digest
+    text: str | None = None  # a file of an earlier corpus (corpus_files): its text, not read from path
 
 
 def license_of(dist: metadata.Distribution) -> str:
@@ -211,53 +216,100 @@ def minhash(text: str, seeds: np.ndarray) -> np.ndarray:
     return mixed.min(axis=1)
 
 
-def build(out: Path, include_site_packages: bool = True, pinned: Path | None = None, near_dup_threshold: float = 0.85) -> dict:
-    """Collect, filter and deduplicate; write train.jsonl, val.jsonl and MANIFEST.json."""
+MINHASH_SEEDS = np.random.default_rng(0).integers(1, 2**31, size=64, dtype=np.uint64)
+
+
+def local_files(include_site_packages: bool = True) -> list[SourceFile]:
+    """This machine's Python sources, in a fixed order: the standard library, then site-packages."""
+    return stdlib_files() + (site_package_files() if include_site_packages else [])
+
+
+def corpus_files(corpus: Path) -> list[SourceFile]:
+    """The files of a corpus built earlier (its train/val JSONL, optionally xz-compressed, and
+    MANIFEST.json), as candidates of a new build. This is how a part built where the packages
+    can be downloaded travels to a machine that builds the rest from its own site-packages: each
+    file keeps its attribution, and its split (the split hashes the original path)."""
+    manifest = json.loads(_open_text(corpus / "MANIFEST.json").read())
+    rows: dict[str, Iterator[dict]] = {split: (json.loads(line) for line in _open_text(corpus / f"{split}.jsonl"))
+                                      for split in ("train", "val")}
+    files = []
+    for entry in manifest["files"]:
+        row = next(rows[entry["split"]])
+        files.append(SourceFile(Path(entry["file"]), entry["package"], entry["version"], entry["license"],
+                                entry["language"], entry.get("archive_sha256"), text=row["text"]))
+    return files
+
+
+def _open_text(path: Path) -> IO[str]:
+    """A file of a corpus, or its ``.xz`` twin (the compressed form that travels)."""
+    if path.exists():
+        return open(path, encoding="utf-8")
+    return lzma.open(path.with_name(path.name + ".xz"), "rt", encoding="utf-8")
+
+
+def examine(source: SourceFile) -> tuple[str, str, str, np.ndarray] | None:
+    """What deduplication needs of one file, independently of every other file (so worker
+    processes can share the work): its text, whitespace-normalised digest, sha256 and MinHash
+    signature; None when it is filtered out (unreadable, too small or large, generated)."""
+    try:
+        raw = source.path.read_bytes() if source.text is None else source.text.encode("utf-8")
+        text = raw.decode("utf-8") if source.text is None else source.text
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not MIN_FILE_BYTES <= len(raw) <= MAX_FILE_BYTES or looks_generated(text):
+        return None
+    digest = hashlib.sha256(" ".join(text.split()).encode()).hexdigest()
+    return text, digest, hashlib.sha256(raw).hexdigest(), minhash(text, MINHASH_SEEDS)
+
+
+def build(out: Path, candidates: list[SourceFile], workers: int = 1, near_dup_threshold: float = 0.85) -> dict:
+    """Filter and deduplicate ``candidates`` (earlier ones win); write train.jsonl, val.jsonl and
+    MANIFEST.json. ``workers`` processes examine the files; the result does not depend on it."""
     out.mkdir(parents=True, exist_ok=True)
-    candidates = stdlib_files() + (site_package_files() if include_site_packages else [])
-    if pinned is not None:
-        candidates += fetch_pinned(pinned, out / "downloads")
-    seeds = np.random.default_rng(0).integers(1, 2**31, size=64, dtype=np.uint64)
     exact: set[str] = set()
-    bands: dict[tuple, str] = {}
+    bands: dict[tuple, bytes] = {}
     kept, manifest = {"train": [], "val": []}, []
     stats = {"candidates": len(candidates), "exact_dup": 0, "near_dup": 0, "filtered": 0}
-    for source in candidates:
-        try:
-            raw = source.path.read_bytes()
-            text = raw.decode("utf-8")
-        except (OSError, UnicodeDecodeError):
-            stats["filtered"] += 1
-            continue
-        if not MIN_FILE_BYTES <= len(raw) <= MAX_FILE_BYTES or looks_generated(text):
-            stats["filtered"] += 1
-            continue
-        digest = hashlib.sha256(" ".join(text.split()).encode()).hexdigest()
-        if digest in exact:
-            stats["exact_dup"] += 1
-            continue
-        signature = minhash(text, seeds)
-        # 16 bands of 4 rows: files that share a band are compared on the full signature.
-        band_keys = [(i, tuple(signature[i * 4:(i + 1) * 4])) for i in range(16)]
-        duplicate_of = next((bands[k] for k in band_keys if k in bands), None)
-        if duplicate_of is not None and np.mean(signature == np.frombuffer(bytes.fromhex(duplicate_of), dtype=np.uint64)) >= near_dup_threshold:
-            stats["near_dup"] += 1
-            continue
-        exact.add(digest)
-        for k in band_keys:
-            bands.setdefault(k, signature.tobytes().hex())
-        name = f"{source.package}/{source.path.name}"
-        split = "val" if int(hashlib.sha256(str(source.path).encode()).hexdigest(), 16) % 40 == 0 else "train"
-        kept[split].append({"path": name, "language": source.language, "text": text})
-        manifest.append({"file": str(source.path), "package": source.package, "version": source.version,
-                         "license": source.license, "language": source.language, "split": split,
-                         "sha256": hashlib.sha256(raw).hexdigest(), "archive_sha256": source.archive_sha256})
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        examined = pool.imap(examine, candidates, chunksize=16) if pool else map(examine, candidates)
+        for source, facts in zip(candidates, examined):
+            if facts is None:
+                stats["filtered"] += 1
+                continue
+            text, digest, sha256, signature = facts
+            if digest in exact:
+                stats["exact_dup"] += 1
+                continue
+            # 16 bands of 4 rows: files that share a band are compared on the full signature.
+            band_keys = [(i, signature[i * 4:(i + 1) * 4].tobytes()) for i in range(16)]
+            duplicate_of = next((bands[k] for k in band_keys if k in bands), None)
+            if duplicate_of is not None and \
+                    np.mean(signature == np.frombuffer(duplicate_of, dtype=np.uint64)) >= near_dup_threshold:
+                stats["near_dup"] += 1
+                continue
+            exact.add(digest)
+            for k in band_keys:
+                bands.setdefault(k, signature.tobytes())
+            name = f"{source.package}/{source.path.name}"
+            split = "val" if int(hashlib.sha256(str(source.path).encode()).hexdigest(), 16) % 40 == 0 else "train"
+            kept[split].append({"path": name, "language": source.language, "text": text})
+            manifest.append({"file": str(source.path), "package": source.package, "version": source.version,
+                             "license": source.license, "language": source.language, "split": split,
+                             "sha256": sha256, "archive_sha256": source.archive_sha256})
+    finally:
+        if pool is not None:
+            pool.terminate()
     for split, rows in kept.items():
         with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
     stats.update({split: len(rows) for split, rows in kept.items()})
     stats["bytes"] = sum(len(r["text"]) for rows in kept.values() for r in rows)
+    by_language: dict[str, int] = {}
+    for r in (r for rows in kept.values() for r in rows):
+        by_language[r["language"]] = by_language.get(r["language"], 0) + len(r["text"])
+    stats["bytes_by_language"] = dict(sorted(by_language.items()))
     packages = sorted({(m["package"], m["version"], m["license"], m["archive_sha256"] or "") for m in manifest})
     (out / "MANIFEST.json").write_text(json.dumps({
         "stats": stats,
@@ -273,11 +325,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("data/corpus"))
     parser.add_argument("--stdlib-only", action="store_true")
+    parser.add_argument("--no-python", action="store_true",
+                        help="leave out the standard library and site-packages (a part built for --add elsewhere)")
     parser.add_argument("--pinned", type=Path, nargs="?", const=Path(__file__).with_name("sources.json"),
                         help="also download the pinned PyPI and npm packages of this file (default training/sources.json)")
+    parser.add_argument("--add", type=Path, action="append", default=[],
+                        help="also take the files of a corpus built earlier (a folder with MANIFEST.json and "
+                             "train/val .jsonl or .jsonl.xz), e.g. the pinned part built on a machine with a network")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes that examine the files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    stats = build(args.out, include_site_packages=not args.stdlib_only, pinned=args.pinned)
+    candidates = [] if args.no_python else local_files(include_site_packages=not args.stdlib_only)
+    if args.pinned is not None:
+        candidates += fetch_pinned(args.pinned, args.out / "downloads")
+    for corpus in args.add:
+        candidates += corpus_files(corpus)
+    stats = build(args.out, candidates, workers=args.workers)
     print(json.dumps(stats))
 
 

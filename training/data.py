@@ -74,23 +74,39 @@ def choose_span(text: str, kind: str, rng: random.Random) -> tuple[int, int] | N
     return start, min(len(text), start + rng.randint(1, 160))
 
 
+def language_factors(sizes: dict[str, int], shares: dict[str, float]) -> dict[str, float]:
+    """Per language, what a file's size is multiplied by so that the draws follow ``shares``
+    (see InfillSampler); ``sizes``: each language's total size in the corpus."""
+    listed = sum(share for language, share in shares.items() if sizes.get(language))
+    rest = sum(size for language, size in sizes.items() if language not in shares)
+    left = max(0.0, 1.0 - listed)
+    return {language: shares[language] / size if language in shares else left / rest for language, size in sizes.items()}
+
+
 class InfillSampler:
     """Draws batches of infill examples from a list of source texts, reproducibly from a seed."""
 
     def __init__(self, texts: list[tuple[str, str]], tokenizer: Tokenizer, context_len: int, suffix_budget: int, seed: int,
-                 layout: str = "block", language_weights: dict[str, float] | None = None):
-        """``texts``: (text, language) pairs. A file is drawn in proportion to its length (capped)
-        times its language's weight (default 1): the corpus is mostly Python, the editors' files
-        are not."""
+                 layout: str = "block", language_shares: dict[str, float] | None = None):
+        """``texts``: (text, language) pairs. A file is drawn in proportion to its length (capped).
+        ``language_shares`` sets the share of the draws that a language gets, whatever the corpus
+        holds (it is mostly Python, the editors' files are not, and a corpus built on another
+        machine holds other amounts): each listed language its share, the unlisted ones what is
+        left in proportion to their size; 0 leaves a language out."""
         if layout not in {"block", "bidirectional"}:
             raise ValueError(f"unknown layout {layout!r}")
         self.layout = layout
-        weights = language_weights or {}
-        kept = [(t, weights.get(language, 1.0)) for t, language in texts if len(t) > 200]
-        kept = [(t, w) for t, w in kept if w > 0]
+        kept = [(t, language, min(len(t), 50_000)) for t, language in texts if len(t) > 200]
+        sizes: dict[str, int] = {}
+        for _, language, size in kept:
+            sizes[language] = sizes.get(language, 0) + size
+        factor = language_factors(sizes, language_shares or {})
+        kept = [(t, w) for t, language, size in kept if (w := size * factor[language]) > 0]
+        if not kept:
+            raise ValueError(f"no file to draw from: {len(texts)} texts, language shares {language_shares}")
         self.texts = [t for t, _ in kept]
         # Cumulative once: ``choices(weights=...)`` would re-add 20k weights for every draw.
-        self.cum_weights = list(itertools.accumulate(min(len(t), 50_000) * w for t, w in kept))
+        self.cum_weights = list(itertools.accumulate(w for _, w in kept))
         self.tokenizer = tokenizer
         self.context_len = context_len
         self.suffix_budget = suffix_budget

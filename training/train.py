@@ -61,8 +61,9 @@ class TrainConfig:
     eoi_pad_weight: float = 0.1  # loss weight of the <|eoi|> padding after the first one
     min_mask_rate: float = 0.05
     threads: int = 0
-    # A file's chance to be drawn is its length times its language's weight here (default 1.0).
-    language_weights: dict = field(default_factory=dict)
+    # The share of the training draws per language (InfillSampler); unlisted languages share the
+    # rest in proportion to their size. Empty: every file in proportion to its size.
+    language_shares: dict = field(default_factory=dict)
     # Processes that draw batches ahead of the training step (0: in the training process). A GPU
     # step takes less time than Python needs to cut and tokenize a batch.
     loader_workers: int = 0
@@ -380,7 +381,7 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
     corpus = Path(cfg.corpus)
     layout = model.config.attention
     train_sampler = InfillSampler(load_texts(corpus / "train.jsonl"), tokenizer, cfg.context_len, cfg.suffix_budget, cfg.seed,
-                                  layout, cfg.language_weights)
+                                  layout, cfg.language_shares)
     # Validation draws files as they come, so that its loss compares across runs and weightings.
     val_sampler = InfillSampler(load_texts(corpus / "val.jsonl"), tokenizer, cfg.context_len, cfg.suffix_budget, cfg.seed + 1, layout)
     generator = torch.Generator().manual_seed(cfg.seed)
