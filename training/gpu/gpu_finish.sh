@@ -9,6 +9,8 @@ pkill -TERM -f difill.training.train && while pgrep -f difill.training.train > /
 grep -v "Warning\|warn" runs/gpu.log | tail -12
 tar -cf - -C runs/gpu export | split -b 15M - "$OUT/model.tar."
 mkdir -p /tmp/small && cp runs/gpu/log.jsonl runs/gpu.log /tmp/small/
+# The corpus's manifest (attribution, languages) for the model card, when it was built here.
+[ -f data/corpus/MANIFEST.json ] && xz -T0 -6 -c data/corpus/MANIFEST.json > /tmp/small/MANIFEST.json.xz
 export PYTHONUNBUFFERED=1
 if [ "${2:-bench}" != "nobench" ]; then  # the GPU figures of the engine and kernels (up to 350 s)
   timeout 200 python3 bench/engine.py --gpu-7b --json --out /tmp/small/engine-gpu7b.json 2>&1 | tail -5

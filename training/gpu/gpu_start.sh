@@ -7,9 +7,15 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "WARNING: Running pip" | tail -3
 python3 -c "import difill.training.train" || { echo IMPORT-FAILED; exit 1; }
 mkdir -p data/corpus runs
-xz -T4 -dc carry/train.xz > data/corpus/train.jsonl &
-xz -dc carry/val.jsonl.xz > data/corpus/val.jsonl
-wait
+if [ -f carry/pinned/MANIFEST.json.xz ]; then
+  # The Python part from this machine's own standard library and site-packages (larger than what
+  # could travel), the pinned part built where its packages could be downloaded added to it.
+  python3 -m difill.training.corpus --out data/corpus --add carry/pinned --workers "$(nproc)" 2>&1 | tail -1
+else  # a whole corpus built elsewhere
+  xz -T4 -dc carry/train.xz > data/corpus/train.jsonl &
+  xz -dc carry/val.jsonl.xz > data/corpus/val.jsonl
+  wait
+fi
 wc -l data/corpus/*.jsonl
 cp difill/default_model/tokenizer.json data/tokenizer.json
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
