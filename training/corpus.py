@@ -9,6 +9,12 @@ Evaluation data never enters: nothing under a ``benchmarks`` folder, and the pac
 back for evaluation (``more-itertools``, ``attrs``, ``click``) are excluded by name.
 
     python -m difill.training.corpus --out data/corpus
+    python -m difill.training.corpus --no-python --pinned --out data/pinned    # where a network is
+    python -m difill.training.corpus --out data/corpus --add data/pinned        # where the GPU is
+
+Files are examined by ``--workers`` processes (the result does not depend on how many); where
+two files are duplicates, the one that comes first is kept: the standard library, then
+site-packages, the pinned downloads and the added corpora, in that order.
 """
 
 from __future__ import annotations
