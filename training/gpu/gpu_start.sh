@@ -1,5 +1,5 @@
 #!/bin/bash
-# Call 1 on the lent GPU: install, unpack the corpus, start the training run in the background.
+# Call 1 on the lent GPU: install, build or unpack the corpus, start the training run in the background.
 set -u
 cd "$(dirname "$0")/../.."
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
@@ -10,7 +10,10 @@ mkdir -p data/corpus runs
 if [ -f carry/pinned/MANIFEST.json.xz ]; then
   # The Python part from this machine's own standard library and site-packages (larger than what
   # could travel), the pinned part built where its packages could be downloaded added to it.
-  python3 -m difill.training.corpus --out data/corpus --add carry/pinned --workers "$(nproc)" 2>&1 | tail -1
+  if ! python3 -m difill.training.corpus --out data/corpus --add carry/pinned --workers "$(nproc)" > runs/corpus.log 2>&1; then
+    tail -20 runs/corpus.log; echo CORPUS-FAILED; exit 1  # end the call: the device time is kept for another try
+  fi
+  tail -1 runs/corpus.log
 else  # a whole corpus built elsewhere
   xz -T4 -dc carry/train.xz > data/corpus/train.jsonl &
   xz -dc carry/val.jsonl.xz > data/corpus/val.jsonl
