@@ -221,6 +221,7 @@ def section_block(engines: dict, cases: list[Case]) -> dict:
 
     lat = {n: [] for n in engines}
     tokens = {n: [] for n in engines}
+    steps = {n: [] for n in engines}
     twins = {n: forced(e) for n, e in engines.items()}
     for case in cases:
         for name, engine in twins.items():
@@ -231,13 +232,18 @@ def section_block(engines: dict, cases: list[Case]) -> dict:
             result = engine.infill(replace(first, prefix=case.prefix + case.reference[:1]))  # one keystroke later
             lat[name].append(result.latency_ms)
             tokens[name].append(result.tokens)
+            steps[name].append(result.steps)
             engine.forget(key)
     out = {}
     for n in engines:
         total_s = sum(lat[n]) / 1000
         out[n] = {"p50_ms_block": pct(lat[n], 0.5), "p95_ms_block": pct(lat[n], 0.95),
                   "tokens_per_s_block": round(sum(tokens[n]) / max(total_s, 1e-9), 1), "block_requests": len(lat[n]),
-                  "mean_tokens": round(statistics.mean(tokens[n]), 1) if tokens[n] else 0}
+                  "mean_tokens": round(statistics.mean(tokens[n]), 1) if tokens[n] else 0,
+                  # what the block target turns on: the model's confidence sets the steps, the
+                  # hardware the milliseconds per step
+                  "tokens_per_step_block": round(sum(tokens[n]) / max(1, sum(steps[n])), 2),
+                  "ms_per_step_block": round(sum(lat[n]) / max(1, sum(steps[n])), 2)}
     add_fp32_ratios(out, lat, "block")
     return out
 
