@@ -49,6 +49,19 @@ def run(model: str | None = None, backend: str = "torch", device: str = "cpu", t
             return server.serve(FdReader(connection.fileno()), connection.makefile("wb"))
     finally:
         root.removeHandler(handler)
+        if not server.engine_stopped:
+            _exit_now(server.exit_code)
+
+
+def _exit_now(code: int) -> None:
+    """End the process without finalizing the interpreter. The engine's worker is still inside a
+    job that cannot be cut short (a model load): finalizing under a running torch operation
+    aborts the process ("terminate called without an active exception", SIGABRT) instead of
+    letting it exit with ``code``."""
+    log.info("the engine is still busy: exiting without waiting for it")
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _private_stdio():

@@ -7,6 +7,8 @@ cancelled or superseded request stops within one step. A job whose token is alre
 when it reaches the front of the queue is dropped without touching the model.
 
 Daemon threads, so that a client that exits without closing our stdin never hangs the process.
+On exit the server waits briefly for the worker (:meth:`EngineHost.stop`): an interpreter that
+finalizes while a torch operation runs on another thread aborts.
 """
 
 from __future__ import annotations
@@ -78,8 +80,15 @@ class EngineHost:
             self._thread = threading.Thread(target=self._work, name="difill-engine", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> bool:
+        """Let the worker end after its current job (whose token the caller cancelled: it stops
+        within one denoising step; a model load cannot be cut short), waiting up to ``wait_s``
+        seconds. Whether the worker is idle or gone."""
         self._jobs.put(None)
+        if self._thread is None:
+            return True
+        self._thread.join(wait_s)
+        return not self._thread.is_alive()
 
     def pending(self) -> int:
         return self._jobs.qsize()

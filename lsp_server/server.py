@@ -36,6 +36,9 @@ from difill.lsp_server.transport import Dispatcher, Writer, start_reader
 log = logging.getLogger(__name__)
 
 INFILL, STATUS, PARTIAL_ACCEPT, ACCEPT = "difill/infill", "difill/status", "difill/didPartiallyAccept", "difill.accept"
+# On exit, how long to wait for the engine's worker to finish its job: a cancelled completion
+# stops within one denoising step, a model load runs to its end (seconds).
+ENGINE_STOP_WAIT_S = 3.0
 
 
 # The document a request refers to, as it was when the request arrived. Handlers run as tasks
@@ -110,6 +113,7 @@ class DifillServer(LanguageServer):
         self._progress_tokens: list[str] = []
         self.exit_code = 0
         self.initialized = False
+        self.engine_stopped = True  # False after serve(): the engine's worker was still in a job
 
     # ---------------------------------------------------------------- Client interface (any thread)
     def _on_loop(self, fn, *args) -> None:
@@ -161,7 +165,7 @@ class DifillServer(LanguageServer):
         try:
             loop.run_forever()
         finally:
-            self.service.shutdown()
+            self.engine_stopped = self.service.shutdown(wait_s=ENGINE_STOP_WAIT_S)
             for task in asyncio.all_tasks(loop):
                 task.cancel()
             loop.run_until_complete(asyncio.sleep(0))

@@ -150,10 +150,12 @@ class Service:
             self.load_model()
         return warnings
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait_s: float = 0.0) -> bool:
+        """Cancel every request and stop the engine's worker; whether it has stopped within
+        ``wait_s`` seconds (EngineHost.stop)."""
         for token in list(self.tokens):
             token.cancel("shutdown")
-        self.host.stop()
+        return self.host.stop(wait_s)
 
     # ---------------------------------------------------------------- documents
     def did_close(self, uri: str) -> None:

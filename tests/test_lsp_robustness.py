@@ -269,3 +269,25 @@ def test_requests_before_initialize_and_after_shutdown_get_errors() -> None:
     finally:
         if c.process.poll() is None:
             c.process.kill()
+
+
+@pytest.mark.parametrize("delay_s", [0.1, 0.5])
+def test_a_client_that_hangs_up_while_the_model_loads_gets_a_clean_exit(delay_s: float) -> None:
+    """The editor quits (its end of stdin closes) right after asking for a completion, while the
+    model is still loading: the server ends at once with exit code 0. It used to abort
+    (SIGABRT, "terminate called without an active exception") when the interpreter finalized
+    under the engine thread's running torch operation."""
+    c = LspClient(log_level="WARNING", stderr=subprocess.PIPE)
+    try:
+        c.initialize(None, wait_ready=False)
+        c.open("file:///bye.py", "def f(x):\n    return \n")
+        c.send_request("textDocument/inlineCompletion", {"textDocument": {"uri": "file:///bye.py"},
+                                                          "position": {"line": 1, "character": 11}, "context": {"triggerKind": 1}})
+        time.sleep(delay_s)
+        assert c.process.stdin is not None
+        c.process.stdin.close()
+        assert c.process.wait(30) == 0
+        assert c.process.stderr is not None and b"terminate called" not in c.process.stderr.read()
+    finally:
+        if c.process.poll() is None:
+            c.process.kill()

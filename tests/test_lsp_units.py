@@ -170,3 +170,27 @@ def test_read_frame_headers() -> None:
     except FrameError:
         pass
     assert read_frame(bad) == b"{}"  # and reading goes on
+
+
+def test_engine_host_stop_waits_for_the_job_in_hand() -> None:
+    """stop() lets the worker finish its job and says whether it did within the wait: the server
+    exits normally when it did, and without finalizing the interpreter (under a running torch
+    operation) when it did not."""
+    import asyncio
+    import threading
+
+    from difill.lsp_server.engine_host import EngineHost
+
+    release = threading.Event()
+    host = EngineHost()
+    host.start()
+    loop = asyncio.new_event_loop()
+    try:
+        host.submit(loop, lambda: release.wait(10), None)
+        assert host.stop(wait_s=0.2) is False  # the job is still running
+        release.set()
+        assert host.stop(wait_s=5) is True
+    finally:
+        release.set()
+        loop.close()
+    assert EngineHost().stop(wait_s=1) is True  # never started
