@@ -132,16 +132,20 @@ class Writer:
 
     def write(self, data: bytes) -> None:
         """Messages after ``exit`` (or after the client hung up) are dropped: there is no one to
-        read them, and an error here would only make pygls try to report it over this channel."""
+        read them, and an error here would only make pygls try to report it over this channel.
+        The hang-up is logged after the lock is released: the log record goes to the client too
+        (window/logMessage), through this writer, and the lock is not reentrant."""
         with self._lock:
             if self.closed:
                 return
             try:
                 self.stream.write(data)
                 self.stream.flush()
+                return
             except (OSError, ValueError) as exc:
                 self.closed = True
-                log.info("output closed: %s", exc)
+                error = exc
+        log.info("output closed: %s", error)
 
     def close(self) -> None:
         with self._lock:

@@ -291,3 +291,33 @@ def test_a_client_that_hangs_up_while_the_model_loads_gets_a_clean_exit(delay_s:
     finally:
         if c.process.poll() is None:
             c.process.kill()
+
+
+def test_a_client_that_stops_reading_then_hangs_up_gets_a_clean_exit() -> None:
+    """The editor closes its end of our output first (an answer hits a broken pipe), then of our
+    input: the server ends with exit code 0. It used to hang for ever, holding its memory: the
+    "output closed" log record, forwarded to the client as window/logMessage, wrote to the same
+    closed channel under the writer's lock that the failed write still held."""
+    process = subprocess.Popen([sys.executable, "-m", "difill", "--log-level", "INFO", "serve"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert process.stdin is not None and process.stdout is not None
+
+    def send(message: dict) -> None:
+        body = json.dumps(message).encode()
+        process.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        process.stdin.flush()
+
+    try:
+        send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"processId": None, "rootUri": None, "capabilities": {}}})
+        header = process.stdout.readline()  # the initialize response: the server is up
+        assert header.startswith(b"Content-Length")
+        send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
+        process.stdout.close()
+        for i in range(3):
+            send({"jsonrpc": "2.0", "id": 2 + i, "method": "difill/status", "params": {}})
+        time.sleep(1)
+        process.stdin.close()
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
