@@ -257,11 +257,14 @@ def examine(source: SourceFile) -> tuple[str, str, str, np.ndarray] | None:
     """What deduplication needs of one file, independently of every other file (so worker
     processes can share the work): its text, whitespace-normalised digest, sha256 and MinHash
     signature; None when it is filtered out (unreadable, too small or large, generated)."""
-    try:
-        raw = source.path.read_bytes() if source.text is None else source.text.encode("utf-8")
-        text = raw.decode("utf-8") if source.text is None else source.text
-    except (OSError, UnicodeDecodeError):
-        return None
+    if source.text is not None:
+        text, raw = source.text, source.text.encode("utf-8")
+    else:
+        try:
+            raw = source.path.read_bytes()
+            text = raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
     if not MIN_FILE_BYTES <= len(raw) <= MAX_FILE_BYTES or looks_generated(text):
         return None
     digest = hashlib.sha256(" ".join(text.split()).encode()).hexdigest()
