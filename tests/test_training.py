@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,7 +113,9 @@ def test_a_time_budget_ends_the_run_and_its_schedule() -> None:
 def test_a_run_stops_at_its_time_budget(tiny: dict) -> None:
     config = write_config(tiny, "budget", max_steps=10_000, time_budget_minutes=0.02)
     run = tiny["root"] / "budget"
+    before = signal.getsignal(signal.SIGTERM)
     train(config, run)
+    assert signal.getsignal(signal.SIGTERM) is before  # a handler left behind outlives the run in its program
     state = json.loads((run / "ckpt" / "state.json").read_text())
     assert 0 < state["step"] < 10_000 and state["seconds"] >= 1.2
     assert (run / "export" / "config.json").is_file()
@@ -288,6 +294,34 @@ def test_corpus_build_deduplicates_the_same_with_any_number_of_workers(tmp_path:
     assert one["train"] + one["val"] == 30
     for split in ("train", "val"):
         assert (tmp_path / "one" / f"{split}.jsonl").read_bytes() == (tmp_path / "two" / f"{split}.jsonl").read_bytes()
+
+
+# A program with threads and its own SIGTERM handler (the tests, the trainer) builds a corpus. The
+# at-fork hook stands for a lock that another thread held when the process forked: a forked worker
+# that needs it waits for ever, ignores terminate(), and the build never returns (a CI run hung so).
+_BUILD_IN_A_HANDLING_PROGRAM = """
+import os, signal, sys, threading
+from pathlib import Path
+from difill.training import corpus
+signal.signal(signal.SIGTERM, lambda *_: None)
+os.register_at_fork(after_in_child=lambda: threading.Event().wait())
+sources = [corpus.SourceFile(Path(p), "example", "1.0", "MIT", "python") for p in sys.argv[2:]]
+print(corpus.build(Path(sys.argv[1]), sources, workers=2)["train"])
+"""
+
+
+def test_corpus_workers_do_not_inherit_the_programs_locks_or_handlers(tmp_path: Path) -> None:
+    sources = [str(s.path) for s in _source_tree(tmp_path / "src")]
+    process = subprocess.Popen([sys.executable, "-c", _BUILD_IN_A_HANDLING_PROGRAM, str(tmp_path / "out"), *sources],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("the corpus build hung: its workers were forked from the calling program")
+    assert process.returncode == 0, err
+    assert int(out.split()[-1]) > 0
 
 
 def test_corpus_add_takes_an_earlier_corpus_with_its_attribution_and_splits(tmp_path: Path) -> None:

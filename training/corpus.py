@@ -279,7 +279,9 @@ def build(out: Path, candidates: list[SourceFile], workers: int = 1, near_dup_th
     bands: dict[tuple, bytes] = {}
     kept, manifest = {"train": [], "val": []}, []
     stats = {"candidates": len(candidates), "exact_dup": 0, "near_dup": 0, "filtered": 0}
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    # Workers start from a fresh interpreter ("spawn"): a forked copy of a process with threads or
+    # a SIGTERM handler (the tests, the trainer) can deadlock or ignore terminate() (a CI hang).
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         examined = pool.imap(examine, candidates, chunksize=16) if pool else map(examine, candidates)
         for source, facts in zip(candidates, examined):
@@ -306,6 +308,9 @@ def build(out: Path, candidates: list[SourceFile], workers: int = 1, near_dup_th
             manifest.append({"file": str(source.path), "package": source.package, "version": source.version,
                              "license": source.license, "language": source.language, "split": split,
                              "sha256": sha256, "archive_sha256": source.archive_sha256})
+        if pool is not None:
+            pool.close()
+            pool.join()
     finally:
         if pool is not None:
             pool.terminate()

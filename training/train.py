@@ -15,6 +15,7 @@ Face layout that the engine loads). Stop it at any time; the same command resume
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -358,6 +360,20 @@ def start_from_model(model: Transformer, directory: Path, tokenizer_path: Path) 
     log.info("starting from the weights of %s", directory)
 
 
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[dict]:
+    """While the loop runs, SIGTERM (a preempted job, ``timeout``) ends it after the current step,
+    so that the last checkpoint and the export are still written. The previous handler comes back
+    afterwards: train() also runs inside other programs (the tests, the CLI), and a handler left
+    behind would be inherited by their forked children, which then ignore terminate()."""
+    stop = {"now": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Path:
     cfg = TrainConfig.from_file(config_path)
     run.mkdir(parents=True, exist_ok=True)
@@ -392,54 +408,53 @@ def train(config_path: Path, run: Path, max_minutes: float | None = None) -> Pat
     log.info("model: %.2fM parameters on %s, config %s", n_params / 1e6, device, model.config)
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    deadline = time.time() + max_minutes * 60 if max_minutes else None
-    logfile = open(run / "log.jsonl", "a")
-    model.train()
-    # The compiled transformer body serves the training step only: the masked-position head has a
-    # new shape every step, and the FIM check's engine calls the plain model with its own shapes.
-    body = torch.compile(model.hidden_states) if cfg.compile else model.hidden_states
-    window_start, window_tokens = time.time(), 0
-    budget_seconds = cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else math.inf
+    # The loader's workers start (fork) before the handler below, so that SIGTERM still ends them.
     batches = iter(batch_loader(train_sampler, cfg, state["step"]))
-    while (state["step"] < cfg.max_steps and state["seconds"] < budget_seconds and not stop["now"]
-           and not (deadline and time.time() > deadline)):
-        step_start = time.time()
-        batch = next(batches)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(state["step"], cfg, state["seconds"])
-        loss, parts = diffusion_loss(model, batch.context, batch.canvas, cfg, generator, batch.after, body)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        tokens = batch.context.numel() + batch.canvas.numel() + (batch.after.numel() if batch.after is not None else 0)
-        state["step"] += 1
-        state["tokens"] += tokens
-        state["seconds"] += time.time() - step_start
-        window_tokens += tokens
-        if state["step"] % cfg.log_every == 0:
-            rate = window_tokens / (time.time() - window_start)
-            window_start, window_tokens = time.time(), 0
-            record = {"step": state["step"], "tokens": state["tokens"], "loss": round(loss.item(), 4),
-                      **{k: round(v.item(), 4) for k, v in parts.items()}, "tokens_per_s": round(rate),
-                      "lr": lr_at(state["step"], cfg, state["seconds"])}
-            log.info("step %(step)d  tokens %(tokens)d  loss %(loss).3f  masked_ce %(masked_ce).3f  ar %(ar_loss).3f  %(tokens_per_s)d tok/s", record)
-            logfile.write(json.dumps(record) + "\n")
-            logfile.flush()
-        if state["step"] % cfg.eval_every == 0:
-            record = {"step": state["step"], "tokens": state["tokens"], "val_masked_ce": round(validation_loss(model, val_sampler, cfg), 4)}
-            try:
-                record.update(fim_check(model, tokenizer, val_sampler.texts))
-            except Exception:  # the FIM check must never stop a training run
-                log.exception("FIM check failed")
-                model.train()
-            log.info("validation: %s", record)
-            logfile.write(json.dumps(record) + "\n")
-            logfile.flush()
-        if state["step"] % cfg.checkpoint_every == 0:
-            save_checkpoint(run, model, optimizer, state, generator)
+    with stop_on_sigterm() as stop, open(run / "log.jsonl", "a") as logfile:
+        deadline = time.time() + max_minutes * 60 if max_minutes else None
+        model.train()
+        # The compiled transformer body serves the training step only: the masked-position head has a
+        # new shape every step, and the FIM check's engine calls the plain model with its own shapes.
+        body = torch.compile(model.hidden_states) if cfg.compile else model.hidden_states
+        window_start, window_tokens = time.time(), 0
+        budget_seconds = cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else math.inf
+        while (state["step"] < cfg.max_steps and state["seconds"] < budget_seconds and not stop["now"]
+               and not (deadline and time.time() > deadline)):
+            step_start = time.time()
+            batch = next(batches)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state["step"], cfg, state["seconds"])
+            loss, parts = diffusion_loss(model, batch.context, batch.canvas, cfg, generator, batch.after, body)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            tokens = batch.context.numel() + batch.canvas.numel() + (batch.after.numel() if batch.after is not None else 0)
+            state["step"] += 1
+            state["tokens"] += tokens
+            state["seconds"] += time.time() - step_start
+            window_tokens += tokens
+            if state["step"] % cfg.log_every == 0:
+                rate = window_tokens / (time.time() - window_start)
+                window_start, window_tokens = time.time(), 0
+                record = {"step": state["step"], "tokens": state["tokens"], "loss": round(loss.item(), 4),
+                          **{k: round(v.item(), 4) for k, v in parts.items()}, "tokens_per_s": round(rate),
+                          "lr": lr_at(state["step"], cfg, state["seconds"])}
+                log.info("step %(step)d  tokens %(tokens)d  loss %(loss).3f  masked_ce %(masked_ce).3f  ar %(ar_loss).3f  %(tokens_per_s)d tok/s", record)
+                logfile.write(json.dumps(record) + "\n")
+                logfile.flush()
+            if state["step"] % cfg.eval_every == 0:
+                record = {"step": state["step"], "tokens": state["tokens"], "val_masked_ce": round(validation_loss(model, val_sampler, cfg), 4)}
+                try:
+                    record.update(fim_check(model, tokenizer, val_sampler.texts))
+                except Exception:  # the FIM check must never stop a training run
+                    log.exception("FIM check failed")
+                    model.train()
+                log.info("validation: %s", record)
+                logfile.write(json.dumps(record) + "\n")
+                logfile.flush()
+            if state["step"] % cfg.checkpoint_every == 0:
+                save_checkpoint(run, model, optimizer, state, generator)
     save_checkpoint(run, model, optimizer, state, generator)
     out = export(run, model, Path(cfg.tokenizer), training_record(run, cfg, state, n_params))
     log.info("exported %s", out)
