@@ -29,3 +29,17 @@ for name in ("kernels", "inference", "grammars", "training", "evaluation", "serv
     module = sys.modules.get(name)
     if module is not None and str(getattr(module, "__file__", "") or "").startswith(str(ROOT)):
         del sys.modules[name]  # imported from the checkout before this ran: let the real one load
+
+
+def pytest_unconfigure(config) -> None:
+    """Kill the multiprocessing children that a test left behind. At exit, multiprocessing
+    terminates its children and waits for them; a child that ignores SIGTERM (a forked worker
+    that inherited a handler, or hangs on a lock) kept a CI run from ending after its last test
+    until the CI's limit. Killing them lets the run end and report."""
+    import logging
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        logging.getLogger("difill.tests").warning("killing %s, left running by a test", child.name)
+        child.kill()
+        child.join(5)
