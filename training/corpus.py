@@ -308,9 +308,6 @@ def build(out: Path, candidates: list[SourceFile], workers: int = 1, near_dup_th
             manifest.append({"file": str(source.path), "package": source.package, "version": source.version,
                              "license": source.license, "language": source.language, "split": split,
                              "sha256": sha256, "archive_sha256": source.archive_sha256})
-        if pool is not None:
-            pool.close()
-            pool.join()
     finally:
         if pool is not None:
             pool.terminate()
