@@ -5,7 +5,7 @@ What is enforced, per command:
 * a wall-clock time limit: the command runs in its own session (process group) and the whole
   group is killed with SIGKILL when the limit passes, so a hang, a fork or a child that ignores
   signals never hangs the harness; RLIMIT_CPU backs it up;
-* a memory limit: RLIMIT_DATA (set with ``resource.setrlimit`` in ``preexec_fn``). It counts the
+* a memory limit: RLIMIT_DATA (set by util-linux ``prlimit`` in front of the command). It counts the
   memory a process actually makes writable (heap, anonymous mmap), not the address space it
   merely reserves, so the JVM, V8 and Go runtimes, which reserve gigabytes up front and die
   under RLIMIT_AS, still start; Python raises MemoryError and C++ throws bad_alloc past it;
@@ -18,6 +18,11 @@ What is enforced, per command:
   programs get a ``sitecustomize`` that makes socket connections raise; compiled C++ and Java
   programs then run with the network (``network_isolation()`` says which, and the report
   records it).
+
+The limits are set by ``prlimit``, not by Python code between fork and exec (``preexec_fn``):
+the harness runs inside threaded programs (the engine, the tests), and a forked child that runs
+Python can block for ever on a lock another thread held at the fork, and ``Popen`` with it.
+``resource.setrlimit`` in ``preexec_fn`` is the fallback where ``prlimit`` is missing.
 
 Not enforced: a process-count limit (RLIMIT_NPROC does not apply to root) and file-system
 isolation beyond the working directory: this is a harness for model output, not for hostile
@@ -38,7 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +116,30 @@ def isolation_summary() -> str:
     return "python sockets blocked (no network namespace available)"
 
 
-def _set_limits(limits: Limits):
-    def apply() -> None:  # runs in the child between fork and exec: keep it to system calls
-        if limits.memory_mb > 0:
-            size = limits.memory_mb << 20
-            resource.setrlimit(resource.RLIMIT_DATA, (size, size))
-        cpu = int(limits.timeout_s) + 2
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        file_size = limits.file_mb << 20
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def _resource_limits(limits: Limits) -> dict[str, tuple[int, int]]:
+    """prlimit's option name -> (soft, hard) for the command's resource limits."""
+    cpu = int(limits.timeout_s) + 2  # the wall clock kills first; CPU time backs it up
+    file_size = limits.file_mb << 20
+    chosen = {"cpu": (cpu, cpu + 1), "fsize": (file_size, file_size), "core": (0, 0)}
+    if limits.memory_mb > 0:
+        chosen["data"] = (limits.memory_mb << 20,) * 2
+    return chosen
 
-    return apply
+
+def _limit_command(limits: Limits) -> tuple[list[str], Callable[[], None] | None]:
+    """The command prefix that sets the limits, or (where ``prlimit`` is missing) a preexec_fn."""
+    chosen = _resource_limits(limits)
+    prlimit = shutil.which("prlimit")
+    if prlimit is not None:
+        return [prlimit, *(f"--{name}={soft}:{hard}" for name, (soft, hard) in chosen.items()), "--"], None
+    names = {"cpu": resource.RLIMIT_CPU, "fsize": resource.RLIMIT_FSIZE, "core": resource.RLIMIT_CORE,
+             "data": resource.RLIMIT_DATA}
+
+    def apply() -> None:  # runs in the child between fork and exec: keep it to system calls
+        for name, pair in chosen.items():
+            resource.setrlimit(names[name], pair)
+
+    return [], apply
 
 
 def sandbox_env(workdir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -164,6 +181,8 @@ def run(argv: Sequence[str], workdir: Path, limits: Limits = Limits(), stdin: st
             command = prefix + command
         else:
             full_env.update(_python_socket_block(workdir))
+    limit_prefix, preexec = _limit_command(limits)
+    command = limit_prefix + command
     with tempfile.TemporaryDirectory(prefix="difill-io-") as io_dir:
         out_path, err_path, in_path = Path(io_dir, "stdout"), Path(io_dir, "stderr"), Path(io_dir, "stdin")
         in_path.write_text(stdin, encoding="utf-8")
@@ -172,7 +191,7 @@ def run(argv: Sequence[str], workdir: Path, limits: Limits = Limits(), stdin: st
         with open(in_path, "rb") as fin, open(out_path, "wb") as fout, open(err_path, "wb") as ferr:
             try:
                 process = subprocess.Popen(command, cwd=workdir, stdin=fin, stdout=fout, stderr=ferr, env=full_env,
-                                           preexec_fn=_set_limits(limits), start_new_session=True)
+                                           preexec_fn=preexec, start_new_session=True)
             except OSError as exc:
                 return RunResult(None, "", f"cannot start {command[0]}: {exc}", False, 0.0)
             try:

@@ -6,6 +6,10 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -227,6 +231,25 @@ def test_sandbox_has_no_network(tmp_path):
         listing = sandbox.run(sandbox.python_command() + ["-c", "import socket; print(socket.if_nameindex())"], tmp_path)
         assert "eth" not in listing.stdout
 
+
+
+def test_sandbox_runs_no_python_between_fork_and_exec(tmp_path):
+    """The harness runs inside threaded programs; a child that runs Python before exec (to set
+    its limits) blocks for ever on a lock another thread held at the fork, and Popen with it.
+    The at-fork hook below stands for that lock: it blocks any child that runs Python code."""
+    program = ("import os, sys, threading\nfrom pathlib import Path\nfrom difill.evaluation import sandbox\n"
+               "os.register_at_fork(after_in_child=lambda: threading.Event().wait())\n"
+               "print(sandbox.run(['/bin/sh', '-c', 'ulimit -t'], Path(sys.argv[1]), sandbox.Limits(timeout_s=5)).stdout)\n")
+    harness = subprocess.Popen([sys.executable, "-c", program, str(tmp_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = harness.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(harness.pid, signal.SIGKILL)  # the blocked child too: it is still in this group
+        harness.communicate()
+        pytest.fail("sandbox.run hung: its child ran Python code between fork and exec")
+    assert harness.returncode == 0, err
+    assert out.split() == ["7"]  # the CPU-time limit is still set (timeout 5 s + 2)
 
 # ---------------------------------------------------------------- reports
 def _rows():
