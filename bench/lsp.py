@@ -17,6 +17,9 @@ each of its non-empty lines, in turn, ``--requests`` times. For every request:
 Then it types one character of a shown suggestion and asks again (typing through: served from
 the cache without the model), to time the cached path. Every request differs in its position
 or text from the one before, so the typing-through cache never answers a timed model request.
+
+Memory: the server's resident set once the model is ready and its peak over the run (Linux's
+/proc VmRSS and VmHWM; None elsewhere), what an editor user pays for keeping difill running.
 """
 
 from __future__ import annotations
@@ -52,6 +55,17 @@ def utf16_len(text: str) -> int:
     return len(text.encode("utf-16-le")) // 2
 
 
+def resident_mib(pid: int, field: str) -> float | None:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of a process in MiB, from /proc; None where there is none."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    return None
+
+
 def timed_inline(client: LspClient, line: int, character: int) -> tuple[float, list]:
     params = {"textDocument": {"uri": URI}, "position": {"line": line, "character": character}, "context": {"triggerKind": 1}}
     start = time.perf_counter()
@@ -78,6 +92,7 @@ def run(args: argparse.Namespace) -> dict:
         status = client.wait_ready(300)
         if status["model"]["state"] != "ready":
             raise RuntimeError(f"model not ready: {status['model']['message']}")
+        rss_ready = resident_mib(client.process.pid, "VmRSS")
         text = sample_text()
         lines = text.split("\n")
         targets = [(i, utf16_len(line)) for i, line in enumerate(lines) if line.strip()]
@@ -114,6 +129,7 @@ def run(args: argparse.Namespace) -> dict:
                 client.change(URI, version, [{"range": {"start": {"line": line, "character": character},
                                                         "end": {"line": line, "character": character + utf16_len(typed)}}, "text": ""}])
         final = client.request("difill/status", {})
+        rss_peak = resident_mib(client.process.pid, "VmHWM")
     finally:
         client.close()
     overhead = [a - b for a, b in zip(e2e, model)]
@@ -136,6 +152,8 @@ def run(args: argparse.Namespace) -> dict:
         "cached_e2e_p95_ms": round(percentile(cached, 95), 3) if cached else None,
         "overhead_target_p50_ms": 5.0,
         "overhead_mean_ms": round(statistics.fmean(overhead), 3) if overhead else None,
+        "rss_ready_mib": rss_ready,
+        "rss_peak_mib": rss_peak,
         "counters": final["counters"],
     }
 
@@ -150,6 +168,7 @@ def table(result: dict) -> str:
         ("typing through (cache) p50 / p95",
          "-" if result["cached_e2e_p50_ms"] is None else f"{result['cached_e2e_p50_ms']:.2f} / {result['cached_e2e_p95_ms']:.2f}",
          f"ms ({result['cached_requests']} requests)"),
+        ("server memory: ready / peak", f"{result['rss_ready_mib']} / {result['rss_peak_mib']}", "MiB resident"),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"difill LSP benchmark: {result['model']} ({result['backend']}, {result['device']})"]

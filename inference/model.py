@@ -489,7 +489,13 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # nn.Embedding's own init, N(0, 1), except on the meta device (the loader, which assigns the
+        # checkpoint's tensors): there its Python meta kernel imports torch._dynamo and sympy,
+        # ~120 MiB and a second of every server start for nothing.
+        embedding = torch.empty(config.vocab_size, config.hidden_size)
+        if not embedding.is_meta:
+            nn.init.normal_(embedding)
+        self.embed_tokens = nn.Embedding.from_pretrained(embedding, freeze=False)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -288,3 +290,15 @@ def test_pickled_weights_are_refused_not_unpickled(tmp_path):
     message = load_error(d)
     assert "pytorch_model.bin" in message and "never loaded" in message
     assert not marker.exists()
+
+
+def test_loading_the_bundled_model_leaves_torch_compile_unimported() -> None:
+    """The loader builds the model on the meta device; an init there that goes through PyTorch's
+    Python meta kernels imports torch._dynamo and sympy: ~140 MiB resident and a second of every
+    server start (bench/README.md, language server). A fresh interpreter shows what loading pulls in."""
+    program = ("import sys\nfrom difill.inference.engine import Engine, InfillRequest\n"
+               "Engine.load().infill(InfillRequest(prefix='def f(x):\\n    return ', suffix='\\n', language='python'))\n"
+               "print(sorted(m for m in ('torch._dynamo', 'sympy', 'triton') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "[]"
