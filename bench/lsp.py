@@ -18,7 +18,8 @@ Then it types one character of a shown suggestion and asks again (typing through
 the cache without the model), to time the cached path. Every request differs in its position
 or text from the one before, so the typing-through cache never answers a timed model request.
 
-Memory: the server's resident set once the model is ready and its peak over the run (Linux's
+Start: seconds from starting the server to its model being ready (what an editor waits for
+after opening). Memory: the server's resident set once the model is ready and its peak over the run (Linux's
 /proc VmRSS and VmHWM; None elsewhere), what an editor user pays for keeping difill running.
 """
 
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.model:
         server_args += ["--model", args.model]
     server_args += ["--backend", args.backend, "--device", args.device]
+    started = time.perf_counter()
     client = LspClient(args=server_args, log_level="WARNING")
     try:
         options = {}
@@ -92,6 +94,7 @@ def run(args: argparse.Namespace) -> dict:
         status = client.wait_ready(300)
         if status["model"]["state"] != "ready":
             raise RuntimeError(f"model not ready: {status['model']['message']}")
+        ready_s = time.perf_counter() - started  # process start, imports, initialize, model load
         rss_ready = resident_mib(client.process.pid, "VmRSS")
         text = sample_text()
         lines = text.split("\n")
@@ -152,6 +155,7 @@ def run(args: argparse.Namespace) -> dict:
         "cached_e2e_p95_ms": round(percentile(cached, 95), 3) if cached else None,
         "overhead_target_p50_ms": 5.0,
         "overhead_mean_ms": round(statistics.fmean(overhead), 3) if overhead else None,
+        "ready_s": round(ready_s, 2),
         "rss_ready_mib": rss_ready,
         "rss_peak_mib": rss_peak,
         "counters": final["counters"],
@@ -168,6 +172,7 @@ def table(result: dict) -> str:
         ("typing through (cache) p50 / p95",
          "-" if result["cached_e2e_p50_ms"] is None else f"{result['cached_e2e_p50_ms']:.2f} / {result['cached_e2e_p95_ms']:.2f}",
          f"ms ({result['cached_requests']} requests)"),
+        ("server start to model ready", f"{result['ready_s']:.2f}", "s"),
         ("server memory: ready / peak", f"{result['rss_ready_mib']} / {result['rss_peak_mib']}", "MiB resident"),
     ]
     width = max(len(r[0]) for r in rows)
