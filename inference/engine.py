@@ -54,7 +54,7 @@ from typing import Callable, Sequence
 import torch
 
 from difill import default_model_path
-from difill.inference.loader import ModelLoadError, load_model
+from difill.inference.loader import ModelLoadError, load_model, model_config
 from difill.inference.model import CanvasKV, HalfWeightLinear, Int8WeightLinear, KVCache, Transformer, rotary_tables
 from difill.inference.sampler import Cancelled, Denoise, SamplerSettings, StepView
 from difill.inference.tokenizer import Tokenizer, TokenizerError
@@ -198,6 +198,50 @@ def default_dtype(device: str, backend: str = "torch") -> str:
     if device == "cuda":
         return "bfloat16"
     return "float16" if backend == "torch" and HalfWeightLinear.available() else "float32"
+
+
+# Resident bytes per parameter while a model loads on the CPU, by weight type: float16 keeps a
+# float32 copy for prefills beside the packed half-precision weights; int8 is packed from float32.
+CPU_BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 6, "int8": 5}
+
+
+def memory_available() -> int | None:
+    """Bytes this process can still take: /proc/meminfo's MemAvailable, or less where a cgroup
+    (a container) caps it lower; None where neither can be read (not Linux)."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def cpu_weights_that_fit(weights: str, n_params: int, available: int | None, chosen_by_user: bool) -> str:
+    """The weight type to load a model on the CPU in. The default float16 form takes 1.5x the
+    float32 weights (a 7B model: ~42 GB): where it would not fit, the default becomes bfloat16,
+    the smallest form. Where the user's choice or even bfloat16 does not fit, a clear error
+    rather than the kernel's out-of-memory killer ending the server in the middle of a load."""
+    def need(kind: str) -> int:
+        return n_params * CPU_BYTES_PER_PARAM[kind]
+
+    if available is None or need(weights) <= available:
+        return weights
+    if not chosen_by_user and need("bfloat16") <= available:
+        log.warning("%.1fB parameters as %s weights need %.1f GiB, %.1f GiB is available: loading bfloat16 weights "
+                    "(%.1f GiB; slower where the CPU lacks AMX)", n_params / 1e9, weights, need(weights) / 2**30,
+                    available / 2**30, need("bfloat16") / 2**30)
+        return "bfloat16"
+    hint = f"; bfloat16 weights need the least, {need('bfloat16') / 2**30:.1f} GiB" if weights != "bfloat16" else ""
+    raise ModelLoadError(f"{n_params / 1e9:.2f}B parameters as {weights} weights need about {need(weights) / 2**30:.1f} "
+                         f"GiB of memory, and {available / 2**30:.1f} GiB is available{hint}")
 
 
 def calibration_ids(tokenizer: Tokenizer, tokens: int = 1024, per_file: int = 256) -> torch.Tensor:
@@ -416,6 +460,12 @@ class Engine:
         if settings.dtype == "int8" and device != "cpu":
             raise ValueError("dtype 'int8' is for the CPU (FBGEMM's int8 GEMM); CUDA runs bfloat16 or float16")
         weights = settings.dtype or default_dtype(device, backend)
+        if device == "cpu" and backend == "torch":
+            n_params = model_config(directory).n_params()
+            try:
+                weights = cpu_weights_that_fit(weights, n_params, memory_available(), settings.dtype is not None)
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"{directory}: {exc}") from exc
         if weights == "bfloat16" and device == "cpu" and not cpu_has_bfloat16_units():
             log.warning("bfloat16 on a CPU without AMX tiles is emulated and slower than float32")
         # float16 and int8 on the CPU: packed weights under float32 (float16) or integer (int8)

@@ -172,6 +172,12 @@ def check_config(config: ModelConfig, path: Path) -> ModelConfig:
     return config
 
 
+def model_config(directory: Path, raw: dict | None = None) -> ModelConfig:
+    """The checked config of a model directory (its config.json, or ``raw`` already read from it)."""
+    path = Path(directory) / "config.json"
+    return check_config(config_from_hf(read_config(Path(directory)) if raw is None else raw, path), path)
+
+
 PICKLED_SUFFIXES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
@@ -216,7 +222,7 @@ def load_model(directory: str | Path, device: str = "cpu", dtype: torch.dtype = 
     """
     directory = Path(directory)
     raw = read_config(directory)
-    config = check_config(config_from_hf(raw, directory / "config.json"), directory / "config.json")
+    config = model_config(directory, raw)
     kind = str(raw.get("model_type", "")).lower()
     with torch.device("meta"):
         model = Transformer(config)

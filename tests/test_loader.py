@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from difill import default_model_path
-from difill.inference.engine import Engine, InfillRequest
-from difill.inference.loader import ModelLoadError, load_model
+from difill.inference import engine as engine_module
+from difill.inference.engine import Engine, InfillRequest, cpu_weights_that_fit
+from difill.inference.loader import ModelLoadError, load_model, model_config
 from difill.inference.model import ModelConfig, Transformer, init_weights
 
 VOCAB = 96
@@ -165,6 +166,32 @@ def test_engine_loads_a_dream_checkpoint_and_infills(tmp_path):
     result = engine.infill(InfillRequest(prefix="def f(x):\n    return ", suffix="\n", mode="line", max_tokens=6))
     assert result.steps >= 1 and result.tokens <= 6
 
+
+
+def test_cpu_weights_fit_in_memory_or_fail_clearly():
+    """A 7B model in the CPU default (float16 weights beside float32 copies) takes ~42 GB."""
+    seven_b = 7_000_000_000
+    assert cpu_weights_that_fit("float16", seven_b, 64 << 30, chosen_by_user=False) == "float16"
+    assert cpu_weights_that_fit("float16", seven_b, None, chosen_by_user=False) == "float16"  # unknown: as asked
+    assert cpu_weights_that_fit("float16", seven_b, 24 << 30, chosen_by_user=False) == "bfloat16"
+    with pytest.raises(ModelLoadError, match=r"7.00B parameters as float16 weights need about 39.1 GiB.*bfloat16 weights need the least, 13.0 GiB"):
+        cpu_weights_that_fit("float16", seven_b, 24 << 30, chosen_by_user=True)
+    with pytest.raises(ModelLoadError, match=r"need about 39.1 GiB of memory, and 8.0 GiB is available; bfloat16 weights need the least, 13.0 GiB$"):
+        cpu_weights_that_fit("float16", seven_b, 8 << 30, chosen_by_user=False)
+
+
+def test_engine_loads_bfloat16_where_the_default_would_not_fit(tmp_path, monkeypatch):
+    """The machine's free memory is the one thing simulated: the model, loader and engine are real."""
+    d = write_dream(tmp_path / "dream", qkv_bias_model(vocab=8192))
+    shutil.copy(default_model_path() / "tokenizer.json", d / "tokenizer.json")
+    n_params = model_config(d).n_params()
+    monkeypatch.setattr(engine_module, "memory_available", lambda: n_params * 3)
+    engine = Engine.load(d)
+    assert engine.dtype == "bfloat16"
+    assert engine.infill(InfillRequest(prefix="def f(x):\n    return ", suffix="\n", mode="line", max_tokens=6)).steps >= 1
+    monkeypatch.setattr(engine_module, "memory_available", lambda: n_params)
+    with pytest.raises(ModelLoadError, match=str(d)):
+        Engine.load(d)
 
 # ---------------------------------------------------------------------------- errors
 def broken_dir(tmp_path: Path) -> Path:
