@@ -224,9 +224,17 @@ def memory_available() -> int | None:
     return min(found) if found else None
 
 
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def _count(n_params: int) -> str:
+    return f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.1f}M"
+
+
 def cpu_weights_that_fit(weights: str, n_params: int, available: int | None, chosen_by_user: bool) -> str:
     """The weight type to load a model on the CPU in. The default float16 form takes 1.5x the
-    float32 weights (a 7B model: ~42 GB): where it would not fit, the default becomes bfloat16,
+    float32 weights (a 7B model: ~39 GiB): where it would not fit, the default becomes bfloat16,
     the smallest form. Where the user's choice or even bfloat16 does not fit, a clear error
     rather than the kernel's out-of-memory killer ending the server in the middle of a load."""
     def need(kind: str) -> int:
@@ -235,13 +243,13 @@ def cpu_weights_that_fit(weights: str, n_params: int, available: int | None, cho
     if available is None or need(weights) <= available:
         return weights
     if not chosen_by_user and need("bfloat16") <= available:
-        log.warning("%.1fB parameters as %s weights need %.1f GiB, %.1f GiB is available: loading bfloat16 weights "
-                    "(%.1f GiB; slower where the CPU lacks AMX)", n_params / 1e9, weights, need(weights) / 2**30,
-                    available / 2**30, need("bfloat16") / 2**30)
+        log.warning("%s parameters as %s weights need %s, %s is available: loading bfloat16 weights (%s; slower "
+                    "where the CPU lacks AMX)", _count(n_params), weights, _size(need(weights)), _size(available),
+                    _size(need("bfloat16")))
         return "bfloat16"
-    hint = f"; bfloat16 weights need the least, {need('bfloat16') / 2**30:.1f} GiB" if weights != "bfloat16" else ""
-    raise ModelLoadError(f"{n_params / 1e9:.2f}B parameters as {weights} weights need about {need(weights) / 2**30:.1f} "
-                         f"GiB of memory, and {available / 2**30:.1f} GiB is available{hint}")
+    hint = f"; bfloat16 weights need the least, {_size(need('bfloat16'))}" if weights != "bfloat16" else ""
+    raise ModelLoadError(f"{_count(n_params)} parameters as {weights} weights need about {_size(need(weights))} "
+                         f"of memory, and {_size(max(0, available))} is available{hint}")
 
 
 def calibration_ids(tokenizer: Tokenizer, tokens: int = 1024, per_file: int = 256) -> torch.Tensor:
