@@ -491,7 +491,7 @@ class Transformer(nn.Module):
         self.config = config
         # nn.Embedding's own init, N(0, 1), except on the meta device (the loader, which assigns the
         # checkpoint's tensors): there its Python meta kernel imports torch._dynamo and sympy,
-        # ~120 MiB and a second of every server start for nothing.
+        # ~140 MiB and a second of every server start for nothing (bench/README.md, language server).
         embedding = torch.empty(config.vocab_size, config.hidden_size)
         if not embedding.is_meta:
             nn.init.normal_(embedding)
